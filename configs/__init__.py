@@ -1,0 +1,1 @@
+"""The original CoOp YAML files (dataset and trainer configs), shipped as package data."""

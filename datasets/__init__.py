@@ -1,0 +1,1 @@
+"""Datasets, one file per dataset. Importing this package registers every built-in dataset."""

@@ -1,0 +1,1 @@
+"""Trainers, one file per method. Importing this package registers every built-in trainer."""
