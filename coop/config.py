@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Sequence
 
 from yacs.config import CfgNode as CN
 
@@ -219,30 +219,15 @@ def _unknown_key_error(cfg: CN, key: str, where: str) -> ConfigError:
     return ConfigError(msg)
 
 
-def _check_keys(cfg: CN, other: Any, where: str, prefix: str = "") -> None:
+def _check_keys(root: CN, node: CN, other: Any, where: str, prefix: str = "") -> None:
     for k, v in other.items():
         full = f"{prefix}{k}"
-        if k not in cfg:
-            raise _unknown_key_error(cfg if not prefix else _root_of(cfg), full, where)
-        if isinstance(v, dict) and isinstance(cfg[k], CN):
-            _check_keys(cfg[k], v, where, full + ".")
-        elif isinstance(v, dict) and not isinstance(cfg[k], CN):
+        if k not in node:
+            raise _unknown_key_error(root, full, where)
+        if isinstance(v, dict) and isinstance(node[k], CN):
+            _check_keys(root, node[k], v, where, full + ".")
+        elif isinstance(v, dict):
             raise ConfigError(f"Config key '{full}' in {where} is a value, not a section")
-
-
-_ROOT_ATTR = "_coop_root"
-
-
-def _root_of(cfg: CN) -> CN:
-    return getattr(cfg, _ROOT_ATTR, cfg)
-
-
-def _set_roots(cfg: CN, root: Optional[CN] = None) -> None:
-    root = root or cfg
-    for v in cfg.values():
-        if isinstance(v, CN):
-            object.__setattr__(v, _ROOT_ATTR, root)
-            _set_roots(v, root)
 
 
 def resolve_config_path(path: str, kind: str = "config") -> str:
@@ -280,8 +265,7 @@ def merge_from_file(cfg: CN, path: str, kind: str = "config") -> str:
         raise ConfigError(f"The {kind} file '{resolved}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"The {kind} file '{resolved}' must hold a mapping of config keys")
-    _set_roots(cfg)
-    _check_keys(cfg, data, f"'{resolved}'")
+    _check_keys(cfg, cfg, data, f"'{resolved}'")
     try:
         cfg.merge_from_other_cfg(CN(data))
     except (ValueError, KeyError, AssertionError) as e:

@@ -67,10 +67,10 @@ class Classification(EvaluatorBase):
             for i, label in enumerate(gt):
                 self._per_class_res[int(label.item())].append(int(matches[i].item()))
 
-    def evaluate(self) -> "OrderedDict[str, float]":
+    def evaluate(self) -> OrderedDict[str, float]:
         from sklearn.metrics import confusion_matrix, f1_score
 
-        results: "OrderedDict[str, float]" = OrderedDict()
+        results: OrderedDict[str, float] = OrderedDict()
         if self._total == 0:
             raise ValueError("Nothing to evaluate: the evaluation split is empty")
         acc = 100.0 * self._correct / self._total

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List
 
 
 class RegistryError(KeyError):
@@ -109,5 +109,3 @@ def build_evaluator(cfg: Any, **kwargs: Any) -> Any:
 
     logging.getLogger(__name__).info("Loading evaluator: %s", cfg.TEST.EVALUATOR)
     return EVALUATOR_REGISTRY.get(cfg.TEST.EVALUATOR)(cfg, **kwargs)
-
-

@@ -1,1 +1,3 @@
 """Datasets, one file per dataset. Importing this package registers every built-in dataset."""
+
+from coop.datasets import caltech101  # noqa: F401

@@ -1,1 +1,3 @@
 """Trainers, one file per method. Importing this package registers every built-in trainer."""
+
+from coop.trainers import coop, zsclip  # noqa: F401

@@ -1,0 +1,315 @@
+"""CoOp: learnable prompt context for CLIP (Zhou et al., IJCV 2022).
+
+Only the context vectors are trained; both CLIP encoders stay frozen (and in eval mode).
+The model follows the original construction step by step, including the order in which it
+draws random numbers, so a seeded run reproduces the original trajectory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coop.clip_adapter import TextEncoder, load_clip, token_length, tokenize
+from coop.engine import TrainerX
+from coop.io import CheckpointError
+from coop.optim import build_lr_scheduler, build_optimizer
+from coop.registry import TRAINER_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "fp32", "amp")
+POSITIONS = ("end", "middle", "front")
+
+
+def load_clip_for(cfg) -> nn.Module:
+    """Load the configured CLIP backbone on the CPU (fp16 weights, as built)."""
+    logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
+    return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR)
+
+
+class PromptLearner(nn.Module):
+    """The learnable context and the fixed token embeddings of the class-name prompts."""
+
+    def __init__(self, cfg, classnames: List[str], clip_model: nn.Module) -> None:
+        super().__init__()
+        opts = cfg.TRAINER.COOP
+        n_cls = len(classnames)
+        n_ctx = opts.N_CTX
+        ctx_init = opts.CTX_INIT
+        dtype = clip_model.dtype
+        ctx_dim = clip_model.ln_final.weight.shape[0]
+        clip_imsize = clip_model.visual.input_resolution
+        cfg_imsize = cfg.INPUT.SIZE[0]
+        if cfg_imsize != clip_imsize:
+            raise ValueError(
+                f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} does not match the input resolution "
+                f"{clip_imsize} of the CLIP backbone '{cfg.MODEL.BACKBONE.NAME}'; "
+                f"set INPUT.SIZE ({clip_imsize}, {clip_imsize})"
+            )
+
+        if ctx_init:
+            # initialise the context from the word embeddings of the given words
+            ctx_init = ctx_init.replace("_", " ")
+            n_ctx = len(ctx_init.split(" "))
+            prompt = tokenize(ctx_init)
+            with torch.no_grad():
+                embedding = clip_model.token_embedding(prompt).type(dtype)
+            ctx_vectors = embedding[0, 1 : 1 + n_ctx, :]  # (n_ctx, ctx_dim)
+            if opts.CSC:
+                # class-specific contexts, each starting from the same words (the original
+                # silently fell back to one generic context here)
+                logger.info("Initializing class-specific contexts from the given words")
+                ctx_vectors = ctx_vectors.unsqueeze(0).repeat(n_cls, 1, 1).clone()
+            prompt_prefix = ctx_init
+        else:
+            if opts.CSC:
+                logger.info("Initializing class-specific contexts")
+                ctx_vectors = torch.empty(n_cls, n_ctx, ctx_dim, dtype=dtype)
+            else:
+                logger.info("Initializing a generic context")
+                ctx_vectors = torch.empty(n_ctx, ctx_dim, dtype=dtype)
+            nn.init.normal_(ctx_vectors, std=0.02)
+            prompt_prefix = " ".join(["X"] * n_ctx)
+
+        logger.info(f'Initial context: "{prompt_prefix}"')
+        logger.info(f"Number of context words (tokens): {n_ctx}")
+
+        self.ctx = nn.Parameter(ctx_vectors)  # (n_ctx, D) or (n_cls, n_ctx, D)
+
+        classnames = [name.replace("_", " ") for name in classnames]
+        name_lens = [token_length(name) for name in classnames]
+        prompts = [prompt_prefix + " " + name + "." for name in classnames]
+        tokenized_prompts = torch.cat([tokenize(p) for p in prompts])  # (n_cls, 77)
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokenized_prompts).type(dtype)
+
+        # Derived from the class names: rebuilt at construction, not stored in checkpoints.
+        self.register_buffer("token_prefix", embedding[:, :1, :], persistent=False)  # SOS
+        self.register_buffer(
+            "token_suffix", embedding[:, 1 + n_ctx :, :], persistent=False
+        )  # CLS, EOS
+        self.n_cls = n_cls
+        self.n_ctx = n_ctx
+        self.tokenized_prompts = tokenized_prompts
+        self.name_lens = name_lens
+        self.class_token_position = opts.CLASS_TOKEN_POSITION
+
+    def forward(self) -> torch.Tensor:
+        """Prompt embeddings, (n_cls, 77, ctx_dim)."""
+        ctx = self.ctx
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
+        prefix = self.token_prefix
+        suffix = self.token_suffix
+
+        if self.class_token_position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1)
+
+        if self.class_token_position == "middle":
+            half_n_ctx = self.n_ctx // 2
+            prompts = []
+            for i in range(self.n_cls):
+                name_len = self.name_lens[i]
+                prompts.append(
+                    torch.cat(
+                        [
+                            prefix[i : i + 1, :, :],
+                            ctx[i : i + 1, :half_n_ctx, :],
+                            suffix[i : i + 1, :name_len, :],
+                            ctx[i : i + 1, half_n_ctx:, :],
+                            suffix[i : i + 1, name_len:, :],
+                        ],
+                        dim=1,
+                    )
+                )
+            return torch.cat(prompts, dim=0)
+
+        if self.class_token_position == "front":
+            prompts = []
+            for i in range(self.n_cls):
+                name_len = self.name_lens[i]
+                prompts.append(
+                    torch.cat(
+                        [
+                            prefix[i : i + 1, :, :],
+                            suffix[i : i + 1, :name_len, :],
+                            ctx[i : i + 1, :, :],
+                            suffix[i : i + 1, name_len:, :],
+                        ],
+                        dim=1,
+                    )
+                )
+            return torch.cat(prompts, dim=0)
+
+        raise ValueError(
+            f"TRAINER.COOP.CLASS_TOKEN_POSITION must be one of {POSITIONS}, "
+            f"got '{self.class_token_position}'"
+        )
+
+
+class CustomCLIP(nn.Module):
+    """CLIP with CoOp's prompt learner on the text side."""
+
+    def __init__(self, cfg, classnames: List[str], clip_model: nn.Module) -> None:
+        super().__init__()
+        self.prompt_learner = PromptLearner(cfg, classnames, clip_model)
+        self.tokenized_prompts = self.prompt_learner.tokenized_prompts
+        self.image_encoder = clip_model.visual
+        self.text_encoder = TextEncoder(clip_model)
+        self.logit_scale = clip_model.logit_scale
+        self.dtype = clip_model.dtype
+        self._cached_text_features: Optional[torch.Tensor] = None
+
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised class text features, (n_cls, embed_dim)."""
+        if self._cached_text_features is not None:
+            return self._cached_text_features
+        prompts = self.prompt_learner()
+        text_features = self.text_encoder(prompts, self.tokenized_prompts.to(prompts.device))
+        return text_features / text_features.norm(dim=-1, keepdim=True)
+
+    @contextlib.contextmanager
+    def frozen_text_features(self) -> Iterator[None]:
+        """Compute the class text features once and reuse them for every batch inside."""
+        with torch.no_grad():
+            self._cached_text_features = self.text_features()
+        try:
+            yield
+        finally:
+            self._cached_text_features = None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        image_features = self.image_encoder(image.type(self.dtype))
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_features = self.text_features()
+        logit_scale = self.logit_scale.exp()
+        # the scale multiplies the image features before the matmul, as in the original
+        return logit_scale * image_features @ text_features.t()  # (B, n_cls)
+
+
+@TRAINER_REGISTRY.register()
+class CoOp(TrainerX):
+    """Context Optimization (CoOp)."""
+
+    def check_cfg(self, cfg) -> None:
+        if cfg.TRAINER.COOP.PREC not in PRECISIONS:
+            raise ValueError(
+                f"TRAINER.COOP.PREC must be one of {PRECISIONS}, got '{cfg.TRAINER.COOP.PREC}'"
+            )
+        if cfg.TRAINER.COOP.CLASS_TOKEN_POSITION not in POSITIONS:
+            raise ValueError(
+                f"TRAINER.COOP.CLASS_TOKEN_POSITION must be one of {POSITIONS}, "
+                f"got '{cfg.TRAINER.COOP.CLASS_TOKEN_POSITION}'"
+            )
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        classnames = self.dm.dataset.classnames
+        prec = cfg.TRAINER.COOP.PREC
+
+        clip_model = load_clip_for(cfg)
+        if prec in ("fp32", "amp"):
+            clip_model.float()
+        elif self.device.type == "cpu":
+            logger.warning(
+                "PREC fp16 on a CPU is slow and numerically fragile; "
+                "pass TRAINER.COOP.PREC fp32 for CPU runs"
+            )
+
+        logger.info("Building custom CLIP")
+        self.model = CustomCLIP(cfg, classnames, clip_model)
+
+        logger.info("Turning off gradients in both the image and the text encoder")
+        for name, param in self.model.named_parameters():
+            if "prompt_learner" not in name:
+                param.requires_grad_(False)
+
+        if cfg.MODEL.INIT_WEIGHTS:
+            self.load_pretrained_prompt(cfg.MODEL.INIT_WEIGHTS)
+
+        self.model.to(self.device)
+        self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
+
+        use_amp = prec == "amp" and self.device.type == "cuda"
+        if prec == "amp" and not use_amp:
+            logger.warning("PREC amp needs CUDA; on this device it trains exactly like fp32")
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.use_amp = use_amp
+
+    def load_pretrained_prompt(self, path: str) -> None:
+        """MODEL.INIT_WEIGHTS: copy the keys whose name and shape match."""
+        from coop.io import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        own = self.model.prompt_learner.state_dict()
+        matched = {
+            k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape
+        }
+        if not matched:
+            raise CheckpointError(f"No weights in {path} match the prompt learner")
+        self.model.prompt_learner.load_state_dict(matched, strict=False)
+        logger.info(f"Initialized the prompt learner from {path}: {sorted(matched)}")
+
+    def forward_backward(self, batch) -> Dict[str, float]:
+        image, label = self.parse_batch_train(batch)
+        if self.use_amp:
+            with torch.autocast("cuda"):
+                output = self.model(image)
+                loss = F.cross_entropy(output, label)
+            self.optim.zero_grad()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optim)
+            self.scaler.update()
+        else:
+            output = self.model(image)
+            loss = F.cross_entropy(output, label)
+            self.model_backward_and_update(loss)
+
+        loss_summary = {
+            "loss": loss.item(),
+            "acc": compute_accuracy(output, label),
+        }
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return loss_summary
+
+    def evaluation_context(self):
+        return self.model.frozen_text_features()
+
+    def prepare_loaded_state_dict(self, name, state_dict, path):
+        state_dict = dict(state_dict)
+        # old-format checkpoints (the original's) store the class-name token buffers
+        state_dict.pop("token_prefix", None)
+        state_dict.pop("token_suffix", None)
+        own = self._models[name].state_dict()
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                raise CheckpointError(
+                    f"The checkpoint {path} does not fit this model: '{key}' has shape "
+                    f"{tuple(value.shape)} there but {tuple(own[key].shape)} here "
+                    f"({self.num_classes} classes, N_CTX {self.model.prompt_learner.n_ctx}, "
+                    f"CSC {self.cfg.TRAINER.COOP.CSC}, backbone {self.cfg.MODEL.BACKBONE.NAME})"
+                )
+        missing = [k for k in own if k not in state_dict]
+        if missing:
+            raise CheckpointError(f"The checkpoint {path} lacks the weights {missing}")
+        # keep the model's dtype (e.g. an fp16 checkpoint evaluated in fp32)
+        return {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
+
+
+def compute_accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
+    """Top-1 batch accuracy in percent, computed as Dassl does."""
+    batch_size = target.size(0)
+    _, pred = output.topk(1, 1, True, True)
+    pred = pred.t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    correct_k = correct[:1].view(-1).float().sum(0, keepdim=True)
+    return correct_k.mul_(100.0 / batch_size).item()

@@ -1,0 +1,80 @@
+"""Zero-shot CLIP baselines: one hand-written template per dataset (``ZeroshotCLIP``) and the
+seven-template ImageNet ensemble (``ZeroshotCLIP2``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+
+from coop.clip_adapter import tokenize
+from coop.engine import TrainerX
+from coop.registry import TRAINER_REGISTRY
+from coop.trainers.coop import load_clip_for
+from coop.trainers.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
+
+logger = logging.getLogger(__name__)
+
+
+def _template_for(dataset_name: str) -> str:
+    # datasets added later without an entry fall back to the generic template
+    return CUSTOM_TEMPLATES.get(dataset_name, "a photo of a {}.")
+
+
+@TRAINER_REGISTRY.register()
+class ZeroshotCLIP(TrainerX):
+    """CLIP with one hand-written prompt per class; nothing is trained."""
+
+    def templates(self) -> List[str]:
+        return [_template_for(self.cfg.DATASET.NAME)]
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        classnames = self.dm.dataset.classnames
+        clip_model = load_clip_for(cfg)  # stays fp16 as built, as in the original
+        clip_model.to(self.device)
+        for param in clip_model.parameters():
+            param.requires_grad_(False)
+
+        templates = self.templates()
+        if len(templates) == 1:
+            prompts = [templates[0].format(c.replace("_", " ")) for c in classnames]
+            logger.info(f"Prompts: {prompts}")
+        feats = []
+        with torch.no_grad():
+            for template in templates:
+                prompts = [template.format(c.replace("_", " ")) for c in classnames]
+                tokens = tokenize(prompts).to(self.device)
+                text_features = clip_model.encode_text(tokens)
+                feats.append(text_features / text_features.norm(dim=-1, keepdim=True))
+        if len(feats) == 1:
+            text_features = feats[0]
+        else:
+            text_features = torch.stack(feats).mean(dim=0)
+            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        self.text_features = text_features  # (n_cls, embed_dim)
+        self.clip_model = clip_model
+
+    def model_inference(self, image: torch.Tensor) -> torch.Tensor:
+        image_features = self.clip_model.encode_image(image)
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        logit_scale = self.clip_model.logit_scale.exp()
+        return logit_scale * image_features @ self.text_features.t()
+
+    def train(self) -> None:  # nothing to train: evaluate
+        logger.info("ZeroshotCLIP has nothing to train; evaluating")
+        self.epoch = 0
+        self.test()
+
+
+@TRAINER_REGISTRY.register()
+class ZeroshotCLIP2(ZeroshotCLIP):
+    """Prompt ensembling: the seven selected ImageNet templates, plus the dataset's own
+    template for datasets other than ImageNet; features averaged and re-normalised."""
+
+    def templates(self) -> List[str]:
+        templates = list(IMAGENET_TEMPLATES_SELECT)
+        if self.cfg.DATASET.NAME != "ImageNet":
+            templates.append(_template_for(self.cfg.DATASET.NAME))
+        return templates
