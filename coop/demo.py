@@ -58,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     common_opts: List[str] = []
     if demo:
         from coop.testing.fixtures import make_caltech101
-        from coop.testing.tiny_clip import save_tiny_clip
+        from coop.testing.pretrain import save_learnable_tiny_clip
 
         print(
             "No dataset root given: running on the embedded demo data (a generated "
@@ -67,19 +67,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             flush=True,
         )
         root = make_caltech101(osp.join(out, "data"), n_classes=10, n_per_class=20)
-        backbone = args.backbone or save_tiny_clip(osp.join(out, "tiny_clip_vit.pt"), arch="vit")
+        dataset_dir = osp.join(root, "caltech-101")
+        backbone = args.backbone or save_learnable_tiny_clip(
+            osp.join(out, "tiny_clip_vit.pt"),
+            osp.join(dataset_dir, "split_zhou_Caltech101.json"),
+            osp.join(dataset_dir, "101_ObjectCategories"),
+        )
         dataset = "caltech101"
-        shots = args.shots or 4
+        shots = args.shots or 16
         cfg_name = "rn50_ep50"
-        epochs = args.epochs or 20
-        common_opts += [
-            "INPUT.SIZE",
-            "(32, 32)",
-            "DATALOADER.NUM_WORKERS",
-            "0",
-            "DATALOADER.TRAIN_X.BATCH_SIZE",
-            "8",
-        ]
+        epochs = args.epochs
+        common_opts += ["INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0"]
     else:
         root = args.root
         backbone = args.backbone or "RN50"
