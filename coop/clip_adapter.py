@@ -25,6 +25,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -439,3 +440,122 @@ class TextEncoder(nn.Module):
         x = self.ln_final(x).type(self.dtype)
         x = x[torch.arange(x.shape[0]), eot] @ self.text_projection
         return x
+
+
+def _block_attention(
+    block: nn.Module, h_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Multi-head attention of a CLIP residual block on already-projected keys/values.
+
+    ``h_q`` (n, S, D) queries' projections, ``k``/``v`` (n, T, D), ``mask`` (S, T) bool
+    (True = may attend). Returns the attention output after ``out_proj``, (n, S, D).
+    """
+    attn = block.attn
+    n, s, d = h_q.shape
+    t = k.shape[1]
+    heads = attn.num_heads
+    hd = d // heads
+    q = h_q.view(n, s, heads, hd).transpose(1, 2)
+    k = k.reshape(n, t, heads, hd).transpose(1, 2)
+    v = v.reshape(n, t, heads, hd).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = out.transpose(1, 2).reshape(n, s, d)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
+def _qkv(block: nn.Module, x: torch.Tensor):
+    h = block.ln_1(x)
+    return F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+
+
+def encode_prefix(
+    transformer: nn.Module, x_p: torch.Tensor
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Run the text transformer on a shared prefix (1, P, D) under the causal mask; return
+    its output and each layer's (key, value) projections, (1, P, D) each."""
+    p = x_p.shape[1]
+    mask = torch.ones(p, p, dtype=torch.bool, device=x_p.device).tril()
+    kvs = []
+    for block in transformer.resblocks:
+        q, k, v = _qkv(block, x_p)
+        kvs.append((k, v))
+        x_p = x_p + _block_attention(block, q, k, v, mask)
+        x_p = x_p + block.mlp(block.ln_2(x_p))
+    return x_p, kvs
+
+
+def encode_suffix(
+    transformer: nn.Module, x_s: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Run the text transformer on per-class suffixes (n, S, D) that follow a shared prefix
+    whose per-layer keys/values are ``kvs``; causal within the suffix, full on the prefix."""
+    n, s, _ = x_s.shape
+    p = kvs[0][0].shape[1]
+    mask = torch.ones(s, p + s, dtype=torch.bool, device=x_s.device)
+    mask[:, p:] = torch.ones(s, s, dtype=torch.bool, device=x_s.device).tril()
+    for block, (k_p, v_p) in zip(transformer.resblocks, kvs):
+        q, k, v = _qkv(block, x_s)
+        k = torch.cat([k_p.expand(n, -1, -1), k], dim=1)
+        v = torch.cat([v_p.expand(n, -1, -1), v], dim=1)
+        x_s = x_s + _block_attention(block, q, k, v, mask)
+        x_s = x_s + block.mlp(block.ln_2(x_s))
+    return x_s
+
+
+class SharedPrefixTextEncoder(nn.Module):
+    """CLIP's text tower for prompts that share their first ``P`` token embeddings.
+
+    With a unified context and the class token at the end, the start token and the context
+    tokens are the same for every class, and under the causal mask so are their hidden
+    states. They are computed once; each class then runs only over its own tokens up to its
+    end-of-text token, attending to the prefix's keys and values. Gradients flow to the
+    prefix (the learnable context). ``class_chunk`` > 0 processes the classes in chunks with
+    activation checkpointing, bounding memory for many classes. Equal to
+    :class:`TextEncoder` up to float rounding.
+    """
+
+    def __init__(self, clip_model: nn.Module, class_chunk: int = 0) -> None:
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.dtype = clip_model.dtype
+        self.class_chunk = class_chunk
+
+    def forward(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, tokenized_prompts: torch.Tensor
+    ) -> torch.Tensor:
+        """``prefix`` (P, D) shared embeddings, ``suffix`` (n, 77 - P, D) per-class
+        embeddings, ``tokenized_prompts`` (n, 77) -> text features (n, embed_dim)."""
+        p = prefix.shape[0]
+        pos = self.positional_embedding.type(self.dtype)
+        eot = tokenized_prompts.argmax(dim=-1)  # (n,)
+        if int(eot.min()) < p:
+            raise ValueError("an end-of-text token lies inside the shared prefix")
+        s = int(eot.max()) + 1 - p
+        x_p = (prefix + pos[:p]).unsqueeze(0)
+        _, kvs = encode_prefix(self.transformer, x_p)
+        x_s = suffix[:, :s] + pos[p : p + s]
+        n = x_s.shape[0]
+        chunk = self.class_chunk
+        if chunk and n > chunk and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            flat = [t for kv in kvs for t in kv]
+
+            def run(xs: torch.Tensor, *flat_kvs: torch.Tensor) -> torch.Tensor:
+                pairs = list(zip(flat_kvs[0::2], flat_kvs[1::2]))
+                return self._head(encode_suffix(self.transformer, xs, pairs))
+
+            outs = [
+                checkpoint(run, x_s[i : i + chunk], *flat, use_reentrant=False)
+                for i in range(0, n, chunk)
+            ]
+            x = torch.cat(outs)
+        else:
+            x = self._head(encode_suffix(self.transformer, x_s, kvs))
+        return x[torch.arange(n, device=x.device), eot - p] @ self.text_projection
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_final(x).type(self.dtype)

@@ -158,6 +158,26 @@ def _coop_dassl_additions(cfg: CN) -> None:
     # Folder for downloaded CLIP weights. "" = $COOP_CLIP_CACHE, else ~/.cache/clip.
     cfg.MODEL.BACKBONE.CACHE_DIR = ""
 
+    # Speed. Every fast path below gives the plain path's numbers up to float rounding;
+    # FAST.ENABLED False computes exactly what the original code computes (bit for bit).
+    cfg.FAST = CN()
+    cfg.FAST.ENABLED = True
+    # text side: "auto" (shared-prefix encoding where the prompts share their context,
+    # else truncation at the last end-of-text token), "truncate" or "plain"
+    cfg.FAST.TEXT = "auto"
+    # > 0: run the text encoder over chunks of this many classes with activation
+    # checkpointing when there are more classes (bounds memory for 1000 classes)
+    cfg.FAST.CLASS_CHUNK = 256
+    # cache the frozen image features of evaluation splits on disk, reused by every run,
+    # seed and method that evaluates the same split with the same backbone and transform
+    cfg.FAST.EVAL_FEATURE_CACHE = True
+    # "" = $COOP_CACHE_DIR, else ~/.cache/coop
+    cfg.FAST.CACHE_DIR = ""
+    # Opt-in deviation from the protocol: precompute the image features of a fixed number
+    # of augmented views per training image, so training runs the text side only.
+    cfg.FAST.TRAIN_FEATURE_CACHE = False
+    cfg.FAST.TRAIN_CACHE_VIEWS = 10
+
 
 def extend_cfg(cfg: CN) -> None:
     """The keys CoOp's ``train.py`` adds before any merge, plus each trainer's node."""
@@ -278,7 +298,7 @@ def merge_from_list(cfg: CN, opts: Sequence[str], where: str = "the command-line
     opts = list(opts or [])
     if len(opts) % 2 != 0:
         raise ConfigError(
-            f"The {where} must be KEY VALUE pairs; got an odd number of items: {opts}"
+            f"Config overrides in {where} must be KEY VALUE pairs; got an odd number of items: {opts}"
         )
     keys = all_keys(cfg)
     for key, value in zip(opts[0::2], opts[1::2]):

@@ -409,10 +409,7 @@ class SimpleTrainer(TrainerBase):
             data_loader = self.test_loader
         logger.info(f"Evaluate on the *{split}* set")
         with self.evaluation_context():
-            for batch in tqdm(data_loader, desc=f"eval {split}", leave=False):
-                input, label = self.parse_batch_test(batch)
-                output = self.model_inference(input)
-                self.evaluator.process(output, label)
+            self.run_evaluation(split, data_loader)
         results = self.evaluator.evaluate()
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
@@ -420,6 +417,13 @@ class SimpleTrainer(TrainerBase):
             self.final_results = dict(results)
             self.write_results(split, results)
         return list(results.values())[0]
+
+    def run_evaluation(self, split: str, data_loader: Any) -> None:
+        """Feed every batch's outputs to the evaluator (a hook for cached features)."""
+        for batch in tqdm(data_loader, desc=f"eval {split}", leave=False):
+            input, label = self.parse_batch_test(batch)
+            output = self.model_inference(input)
+            self.evaluator.process(output, label)
 
     def evaluation_context(self):
         """Hook: a context manager active during an evaluation pass (e.g. to compute the

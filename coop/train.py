@@ -150,7 +150,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if not is_user_error(e):
             raise
-        logging.getLogger("coop").error(f"Error: {e}")
+        log = logging.getLogger("coop")
+        if log.handlers:  # a run's log file is open: record why it stopped
+            for h in log.handlers:
+                if isinstance(h, logging.FileHandler):
+                    h.emit(logging.makeLogRecord({"msg": f"Error: {e}", "levelno": logging.ERROR}))
         print(f"coop-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,15 @@ import shutil
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dirs(tmp_path_factory):
+    """Keep the image-feature cache out of the user's home folder during tests."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("COOP_CACHE_DIR", str(tmp_path_factory.mktemp("coop_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def caltech_root(tmp_path_factory):
     """A pristine Caltech101 miniature (10 classes x 20 images, with the split JSON)."""

@@ -4,11 +4,12 @@ The original (CoOp ff61507 on Dassl c61a1b5) cannot run here, so this file carri
 separate, deliberately plain re-implementation of what a seeded original run does with
 ``DATALOADER.NUM_WORKERS 0`` and ``PREC fp32`` (protocol.md §a, §e, §f, §g). It imports
 nothing of our trainer, engine, data manager, dataset classes, sampler or loader code: only
-``coop.clip_adapter`` (``load_clip`` builds CLIP with ``clip.model.build_model``, which *is*
-the original's construction; ``tokenize``; ``token_length``) and the ``coop.testing``
-fixture builders. Our side runs through the real command line in-process
-(``coop.train.main``) with a thin wrapper around ``CoOp.forward_backward`` and
-``CoOp.model_inference`` that only records what passes through.
+``coop.clip_adapter`` (``import_clip`` to reach the installed ``clip`` package, whose
+``clip.model.build_model`` *is* the original's construction; ``tokenize``; ``token_length``)
+and the ``coop.testing`` fixture builders. It does not use our ``load_clip`` either, so an
+extra draw hidden in our loading path would show. Our side runs through the real command
+line in-process (``coop.train.main``) with a thin wrapper around ``CoOp.forward_backward``
+and ``CoOp.model_inference`` that only records what passes through.
 
 Matched and compared, in the original's order:
 
@@ -57,7 +58,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from coop.clip_adapter import load_clip, token_length, tokenize
+from coop.clip_adapter import import_clip, token_length, tokenize
 from coop.testing.fixtures import make_caltech101
 from coop.testing.tiny_clip import save_tiny_clip
 
@@ -129,13 +130,13 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
+def ref_data_root(tmp_path_factory) -> str:
     # 10 classes, 20 images each -> the split JSON holds 10 train / 4 val / 6 test per class
     return make_caltech101(str(tmp_path_factory.mktemp("ref_data")), n_per_class=20, seed=0)
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> Dict[str, str]:
+def ref_ckpts(tmp_path_factory) -> Dict[str, str]:
     folder = tmp_path_factory.mktemp("ref_clip")
     return {
         arch: save_tiny_clip(str(folder / f"{arch}.pt"), arch=arch) for arch in ("vit", "resnet")
@@ -312,8 +313,13 @@ def reference_run(
         ]
     )
 
-    # 3. CLIP construction (draws), fp32, frozen and left in eval mode; then the context
-    clip_model = load_clip(ckpt).float()
+    # 3. CLIP: load_clip_to_cpu (torch.jit.load fails on a plain state dict, then torch.load;
+    # neither draws) -> build_model (construction draws) -> .float() for fp32; frozen and
+    # left in eval mode. Then the context.
+    import_clip()  # installs the pkg_resources shim `import clip` needs
+    from clip.model import build_model
+
+    clip_model = build_model(torch.load(ckpt, map_location="cpu", weights_only=True)).float()
     clip_model.requires_grad_(False)
     clip_model.eval()
     learner = _RefPrompts(case, classnames, clip_model)
@@ -382,7 +388,9 @@ def reference_run(
 # our run, through the real command line
 
 
-def our_run(root: str, ckpt: str, case: Case, out_dir: str, monkeypatch) -> Dict[str, Any]:
+def our_run(
+    root: str, ckpt: str, case: Case, out_dir: str, monkeypatch, fast: bool = False
+) -> Dict[str, Any]:
     from coop.train import main
     from coop.trainers.coop import CoOp
     from coop.utils import close_logger
@@ -425,6 +433,10 @@ def our_run(root: str, ckpt: str, case: Case, out_dir: str, monkeypatch) -> Dict
         "DATALOADER.NUM_WORKERS", "0",
         "OPTIM.MAX_EPOCH", str(case.epochs),
         "TRAIN.PRINT_FREQ", "1",
+        # the plain path computes exactly what the original computes; the fast paths
+        # (on by default) agree up to float rounding (test_fast_paths_match_reference)
+        "FAST.ENABLED", str(fast),
+        "FAST.EVAL_FEATURE_CACHE", "False",
         *case.opts(),
     ]  # fmt: skip
     try:
@@ -463,11 +475,11 @@ def _norm(items: List[Item]) -> List[Tuple[str, int, str]]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference_order(name, data_root, ckpts, tmp_path, monkeypatch):
+def test_matches_reference_order(name, ref_data_root, ref_ckpts, tmp_path, monkeypatch):
     case = CASES[name]
-    ckpt = ckpts[case.arch]
-    ref = reference_run(data_root, ckpt, case)
-    ours = our_run(data_root, ckpt, case, str(tmp_path), monkeypatch)
+    ckpt = ref_ckpts[case.arch]
+    ref = reference_run(ref_data_root, ckpt, case)
+    ours = our_run(ref_data_root, ckpt, case, str(tmp_path), monkeypatch)
 
     # Python random: few-shot train then val
     assert _norm(ours["train"]) == _norm(ref["train"]), "few-shot train list differs"
@@ -504,6 +516,28 @@ def test_matches_reference_order(name, data_root, ckpts, tmp_path, monkeypatch):
     assert ours["accuracy"] == ref["accuracy"]
 
 
+@pytest.mark.parametrize(
+    "name", ["vit-seed2-k4-bs8", "vit-csc", "vit-middle", "resnet-seed1-k4-bs8"]
+)
+def test_fast_paths_match_reference(name, ref_data_root, ref_ckpts, tmp_path, monkeypatch):
+    """With the default fast paths the run draws the same random numbers (same shots, same
+    augmented batches) and its numbers agree with the original's up to float rounding."""
+    case = CASES[name]
+    ckpt = ref_ckpts[case.arch]
+    ref = reference_run(ref_data_root, ckpt, case)
+    ours = our_run(ref_data_root, ckpt, case, str(tmp_path), monkeypatch, fast=True)
+    assert _norm(ours["train"]) == _norm(ref["train"])
+    assert torch.equal(ours["init_ctx"], ref["init_ctx"])
+    assert len(ours["images"]) == len(ref["images"])
+    for a, b in zip(ours["images"], ref["images"]):
+        assert torch.equal(a, b)
+    assert ours["losses"] == pytest.approx(ref["losses"], rel=1e-4, abs=1e-5)
+    assert torch.allclose(ours["final_ctx"], ref["final_ctx"], rtol=1e-4, atol=1e-5)
+    ours_logits = torch.cat(ours["test_logits"])
+    ref_logits = torch.cat(ref["test_logits"])
+    assert torch.allclose(ours_logits, ref_logits, rtol=1e-4, atol=1e-3)
+
+
 DEVIATIONS = [
     "extra_draw",
     "reseed_each_epoch",
@@ -513,14 +547,14 @@ DEVIATIONS = [
 ]
 
 
-def test_reference_detects_deviations(data_root, ckpts):
+def test_reference_detects_deviations(ref_data_root, ref_ckpts):
     """Each listed departure from the original changes the trajectory the tests compare."""
     case = Case(seed=1, shots=4)  # 40 images, bs 32: 8 dropped per epoch
-    faithful = reference_run(data_root, ckpts["vit"], case)
-    again = reference_run(data_root, ckpts["vit"], case)
+    faithful = reference_run(ref_data_root, ref_ckpts["vit"], case)
+    again = reference_run(ref_data_root, ref_ckpts["vit"], case)
     assert again["losses"] == faithful["losses"]  # deterministic
     assert torch.equal(again["final_ctx"], faithful["final_ctx"])
     for deviation in DEVIATIONS:
-        other = reference_run(data_root, ckpts["vit"], case, deviation=deviation)
+        other = reference_run(ref_data_root, ref_ckpts["vit"], case, deviation=deviation)
         assert other["losses"] != faithful["losses"], f"{deviation} went unnoticed"
         assert not torch.equal(other["final_ctx"], faithful["final_ctx"]), deviation

@@ -252,3 +252,15 @@ def test_checkpoint_of_other_class_count_is_refused(data_root, tiny_vit, tmp_pat
     assert main(["--eval-only", "--model-dir", out, "--load-epoch", "1", *argv]) == 2
     err = capsys.readouterr().err
     assert "does not fit this model" in err and "(10, 16, 64)" in err and "(5, 16, 64)" in err
+
+
+def test_generic_context_loads_into_class_specific_model(data_root, tiny_vit, tmp_path):
+    """The original trained CSC + CTX_INIT runs with one generic context: such a checkpoint
+    evaluates in our class-specific model with the same predictions as the generic model."""
+    gen = str(tmp_path / "gen")
+    init = ("TRAINER.COOP.CTX_INIT", "a photo of a")
+    assert main(coop_argv(data_root, gen, tiny_vit, 1, 2, "OPTIM.MAX_EPOCH", "1", *init)) == 0
+    e = str(tmp_path / "e")
+    argv = coop_argv(data_root, e, tiny_vit, 1, 2, *init, "TRAINER.COOP.CSC", "True")
+    assert main(["--eval-only", "--model-dir", gen, "--load-epoch", "1", *argv]) == 0
+    assert read_results(e)["metrics"] == read_results(gen)["metrics"]

@@ -15,8 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coop.clip_adapter import TextEncoder, load_clip, token_length, tokenize
-from coop.engine import TrainerX
+from coop.clip_adapter import (
+    SharedPrefixTextEncoder,
+    TextEncoder,
+    load_clip,
+    token_length,
+    tokenize,
+)
+from coop.clip_trainer import CLIPTrainer
 from coop.io import CheckpointError
 from coop.optim import build_lr_scheduler, build_optimizer
 from coop.registry import TRAINER_REGISTRY
@@ -153,6 +159,16 @@ class PromptLearner(nn.Module):
         )
 
 
+def text_mode(cfg, prompt_learner: PromptLearner) -> str:
+    """Which text-encoder path to use: "plain", "truncate" or "shared_prefix"."""
+    if not cfg.FAST.ENABLED or cfg.FAST.TEXT == "plain":
+        return "plain"
+    shared = prompt_learner.ctx.dim() == 2 and prompt_learner.class_token_position == "end"
+    if cfg.FAST.TEXT == "auto" and shared:
+        return "shared_prefix"
+    return "truncate"
+
+
 class CustomCLIP(nn.Module):
     """CLIP with CoOp's prompt learner on the text side."""
 
@@ -161,17 +177,27 @@ class CustomCLIP(nn.Module):
         self.prompt_learner = PromptLearner(cfg, classnames, clip_model)
         self.tokenized_prompts = self.prompt_learner.tokenized_prompts
         self.image_encoder = clip_model.visual
-        self.text_encoder = TextEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale
         self.dtype = clip_model.dtype
         self._cached_text_features: Optional[torch.Tensor] = None
+        self.text_mode = text_mode(cfg, self.prompt_learner)
+        chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
+        self.text_encoder = TextEncoder(clip_model, eot_truncate=self.text_mode == "truncate")
+        self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
+        if self.text_mode != "plain":
+            logger.info(f"Text encoder fast path: {self.text_mode}")
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features, (n_cls, embed_dim)."""
         if self._cached_text_features is not None:
             return self._cached_text_features
-        prompts = self.prompt_learner()
-        text_features = self.text_encoder(prompts, self.tokenized_prompts.to(prompts.device))
+        pl = self.prompt_learner
+        tokenized = self.tokenized_prompts.to(pl.ctx.device)
+        if self.text_mode == "shared_prefix":
+            prefix = torch.cat([pl.token_prefix[0], pl.ctx], dim=0)  # (1 + n_ctx, D)
+            text_features = self.shared_prefix_encoder(prefix, pl.token_suffix, tokenized)
+        else:
+            text_features = self.text_encoder(pl(), tokenized)
         return text_features / text_features.norm(dim=-1, keepdim=True)
 
     @contextlib.contextmanager
@@ -184,17 +210,23 @@ class CustomCLIP(nn.Module):
         finally:
             self._cached_text_features = None
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features of the frozen encoder, (B, embed_dim)."""
         image_features = self.image_encoder(image.type(self.dtype))
-        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        return image_features / image_features.norm(dim=-1, keepdim=True)
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         text_features = self.text_features()
         logit_scale = self.logit_scale.exp()
         # the scale multiplies the image features before the matmul, as in the original
         return logit_scale * image_features @ text_features.t()  # (B, n_cls)
 
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.encode_image(image))
+
 
 @TRAINER_REGISTRY.register()
-class CoOp(TrainerX):
+class CoOp(CLIPTrainer):
     """Context Optimization (CoOp)."""
 
     def check_cfg(self, cfg) -> None:
@@ -258,18 +290,30 @@ class CoOp(TrainerX):
         self.model.prompt_learner.load_state_dict(matched, strict=False)
         logger.info(f"Initialized the prompt learner from {path}: {sorted(matched)}")
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(features)
+
+    def clip_dtype(self) -> torch.dtype:
+        return self.model.dtype
+
     def forward_backward(self, batch) -> Dict[str, float]:
         image, label = self.parse_batch_train(batch)
+        return self.train_step(lambda: self.model(image), label)
+
+    def train_step(self, logits_fn, label: torch.Tensor) -> Dict[str, float]:
         if self.use_amp:
             with torch.autocast("cuda"):
-                output = self.model(image)
+                output = logits_fn()
                 loss = F.cross_entropy(output, label)
             self.optim.zero_grad()
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optim)
             self.scaler.update()
         else:
-            output = self.model(image)
+            output = logits_fn()
             loss = F.cross_entropy(output, label)
             self.model_backward_and_update(loss)
 
@@ -282,6 +326,8 @@ class CoOp(TrainerX):
         return loss_summary
 
     def evaluation_context(self):
+        if not self.cfg.FAST.ENABLED:  # the original recomputes them for every batch
+            return contextlib.nullcontext()
         return self.model.frozen_text_features()
 
     def prepare_loaded_state_dict(self, name, state_dict, path):
@@ -290,6 +336,13 @@ class CoOp(TrainerX):
         state_dict.pop("token_prefix", None)
         state_dict.pop("token_suffix", None)
         own = self._models[name].state_dict()
+        ctx = state_dict.get("ctx")
+        if ctx is not None and ctx.dim() == 2 and own["ctx"].dim() == 3:
+            if tuple(ctx.shape) == tuple(own["ctx"].shape[1:]):
+                # a generic context (e.g. the original's CSC + CTX_INIT runs) shared by all
+                # classes gives the same logits as that generic model
+                logger.info(f"Using the generic context of {path} for every class")
+                state_dict["ctx"] = ctx.unsqueeze(0).expand_as(own["ctx"]).clone()
         for key, value in state_dict.items():
             if key in own and own[key].shape != value.shape:
                 raise CheckpointError(

@@ -9,7 +9,7 @@ from typing import List
 import torch
 
 from coop.clip_adapter import tokenize
-from coop.engine import TrainerX
+from coop.clip_trainer import CLIPTrainer
 from coop.registry import TRAINER_REGISTRY
 from coop.trainers.coop import load_clip_for
 from coop.trainers.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
@@ -23,7 +23,7 @@ def _template_for(dataset_name: str) -> str:
 
 
 @TRAINER_REGISTRY.register()
-class ZeroshotCLIP(TrainerX):
+class ZeroshotCLIP(CLIPTrainer):
     """CLIP with one hand-written prompt per class; nothing is trained."""
 
     def templates(self) -> List[str]:
@@ -56,11 +56,19 @@ class ZeroshotCLIP(TrainerX):
         self.text_features = text_features  # (n_cls, embed_dim)
         self.clip_model = clip_model
 
-    def model_inference(self, image: torch.Tensor) -> torch.Tensor:
-        image_features = self.clip_model.encode_image(image)
-        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        image_features = self.clip_model.encode_image(images)
+        return image_features / image_features.norm(dim=-1, keepdim=True)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         logit_scale = self.clip_model.logit_scale.exp()
-        return logit_scale * image_features @ self.text_features.t()
+        return logit_scale * features @ self.text_features.t()
+
+    def clip_dtype(self) -> torch.dtype:
+        return self.clip_model.dtype
+
+    def model_inference(self, image: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.image_features(image))
 
     def train(self) -> None:  # nothing to train: evaluate
         logger.info("ZeroshotCLIP has nothing to train; evaluating")

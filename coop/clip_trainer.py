@@ -1,0 +1,173 @@
+"""A base for trainers over a frozen CLIP image encoder (CoOp, the zero-shot baselines, ...).
+
+It adds two things to :class:`~coop.engine.TrainerX`, both driven by the ``FAST`` config node:
+
+- evaluation through the disk cache of image features (``FAST.EVAL_FEATURE_CACHE``): the
+  features of an evaluation split are computed once, with the same batches and operations as
+  the plain path (so the logits are bit-identical), and reused by later runs;
+- the opt-in training feature cache (``FAST.TRAIN_FEATURE_CACHE``, a documented deviation
+  from the protocol): features of a fixed number of augmented views per training image are
+  computed once, and each epoch trains the text side only on one view per image.
+
+A subclass provides ``image_features(images) -> (B, E)`` (normalised) and
+``logits_from_features(features) -> (B, n_cls)`` such that
+``logits_from_features(image_features(x))`` is exactly what ``model_inference(x)`` computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Tuple
+
+import torch
+from tqdm import tqdm
+
+from coop.engine import TrainerX
+from coop.feature_cache import (
+    FeatureCache,
+    cache_key,
+    default_cache_dir,
+    draw_loader_seed,
+    file_sha256,
+    split_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+# what ``image_features`` computes; part of the cache key (bump when it changes)
+FEATURE_KIND = "clip-visual-l2norm-v1"
+
+
+class CLIPTrainer(TrainerX):
+    """TrainerX for models with a frozen CLIP image encoder."""
+
+    # ------------------------------------------------------------------ hooks
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def clip_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation cache
+    def eval_cache_enabled(self) -> bool:
+        fast = self.cfg.FAST
+        return bool(fast.ENABLED and fast.EVAL_FEATURE_CACHE)
+
+    def _weights_hash(self, cache_root: str) -> str:
+        from coop.clip_adapter import resolve_weights
+
+        path = resolve_weights(self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.CACHE_DIR)
+        return file_sha256(path, cache_root)
+
+    def _eval_key(self, data_loader: Any, cache_root: str) -> Tuple[str, Dict[str, Any]]:
+        cfg = self.cfg
+        source = data_loader.dataset.data_source
+        parts = {
+            "kind": FEATURE_KIND,
+            "weights": self._weights_hash(cache_root),
+            "split": split_fingerprint([d.impath for d in source], [d.label for d in source]),
+            "size": list(cfg.INPUT.SIZE),
+            "interpolation": cfg.INPUT.INTERPOLATION,
+            "mean": list(cfg.INPUT.PIXEL_MEAN),
+            "std": list(cfg.INPUT.PIXEL_STD),
+            "normalize": "normalize" in cfg.INPUT.TRANSFORMS,
+            "no_transform": cfg.INPUT.NO_TRANSFORM,
+            "batch_size": data_loader.batch_size,
+            "dtype": str(self.clip_dtype()),
+            "device": self.device.type,
+            "torch": torch.__version__,
+        }
+        return cache_key(parts), parts
+
+    def run_evaluation(self, split: str, data_loader: Any) -> None:
+        if not self.eval_cache_enabled():
+            return super().run_evaluation(split, data_loader)
+        cache_root = default_cache_dir(self.cfg.FAST.CACHE_DIR)
+        cache = FeatureCache(cache_root)
+        key, parts = self._eval_key(data_loader, cache_root)
+        hit = cache.load(key)
+        if hit is not None:
+            logger.info(f"Using cached image features of the *{split}* set ({cache.path(key)})")
+            draw_loader_seed()  # the original draws this when it iterates the loader
+            features, labels = hit
+        else:
+            features, labels = [], []
+            for batch in tqdm(data_loader, desc=f"features {split}", leave=False):
+                input, label = self.parse_batch_test(batch)
+                features.append(self.image_features(input))
+                labels.append(label)
+            cache.store(key, features, labels, parts)
+            logger.info(f"Cached image features of the *{split}* set in {cache.path(key)}")
+        for feats, label in zip(features, labels):
+            output = self.logits_from_features(feats.to(self.device))
+            self.evaluator.process(output, label.to(self.device))
+
+    # ------------------------------------------------------------------ training cache
+    def train_cache_enabled(self) -> bool:
+        return bool(self.cfg.FAST.TRAIN_FEATURE_CACHE)
+
+    def _build_train_cache(self) -> None:
+        """Features of ``TRAIN_CACHE_VIEWS`` augmented views of every training image,
+        (V, N, E), drawn in a private random stream so the run's own stream is untouched."""
+        from coop.data import DatasetWrapper
+
+        views = self.cfg.FAST.TRAIN_CACHE_VIEWS
+        if views < 1:
+            raise ValueError(f"FAST.TRAIN_CACHE_VIEWS must be at least 1, got {views}")
+        source = self.dm.dataset.train_x
+        wrapper = DatasetWrapper(self.cfg, source, transform=self.dm.tfm_train, is_train=True)
+        seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
+        logger.info(
+            f"Training feature cache (opt-in deviation): {views} augmented views of "
+            f"{len(source)} images"
+        )
+        feats = []
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for _ in tqdm(range(views), desc="training feature cache", leave=False):
+                loader = torch.utils.data.DataLoader(
+                    wrapper, batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False
+                )
+                view = [self.image_features(b["img"].to(self.device)) for b in loader]
+                feats.append(torch.cat(view))
+        self._train_feats = torch.stack(feats)  # (V, N, E)
+        self._train_labels = torch.tensor([d.label for d in source], device=self.device)
+
+    def run_epoch(self) -> None:
+        if not self.train_cache_enabled():
+            return super().run_epoch()
+        if getattr(self, "_train_feats", None) is None:
+            self._build_train_cache()
+        self.set_model_mode("train")
+        n = self._train_labels.shape[0]
+        bs = self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE
+        # the same draws as a loader pass (base seed, sampler seed), then a view per image
+        draw_loader_seed()
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        perm = torch.randperm(n, generator=gen)
+        view_idx = torch.randint(self._train_feats.shape[0], (n,), generator=gen)
+        batches: List[torch.Tensor] = (
+            [perm[i : i + bs] for i in range(0, n - bs + 1, bs)] if n >= bs else [perm]
+        )
+        self.num_batches = len(batches)
+        summaries: List[Dict[str, float]] = []
+        for batch_idx, idx in enumerate(batches):
+            self.batch_idx = batch_idx
+            feats = self._train_feats[view_idx[idx], idx.to(self._train_feats.device)]
+            label = self._train_labels[idx.to(self._train_labels.device)]
+            summaries.append(self.train_step(lambda f=feats: self.logits_from_features(f), label))
+        if summaries:
+            mean = {k: sum(s[k] for s in summaries) / len(summaries) for k in summaries[0]}
+            info = " ".join(f"{k} {v:.4f}" for k, v in mean.items())
+            logger.info(
+                f"epoch [{self.epoch + 1}/{self.max_epoch}] {info} lr {self.get_current_lr():.4e}"
+            )
+
+    def train_step(self, logits_fn: Any, label: torch.Tensor) -> Dict[str, float]:
+        """One optimisation step on the logits ``logits_fn()``; the subclass's update rule."""
+        raise NotImplementedError

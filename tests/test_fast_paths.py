@@ -1,0 +1,213 @@
+"""Every fast path gives the plain path's numbers (up to float rounding)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from helpers_train import coop_argv, loss_lines, read_results, zeroshot_argv
+
+from coop.clip_adapter import SharedPrefixTextEncoder, TextEncoder, load_clip
+from coop.config import get_cfg_default
+from coop.train import main
+from coop.trainers.coop import CustomCLIP, PromptLearner, text_mode
+
+NAMES = ["face", "accordion", "hello kitty", "motorbike", "a very long class name of words"]
+
+
+def _cfg(**fast):
+    cfg = get_cfg_default()
+    cfg.INPUT.SIZE = (32, 32)
+    for k, v in fast.items():
+        cfg.FAST[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def clip32(tiny_vit):
+    return load_clip(tiny_vit).float()
+
+
+@pytest.mark.parametrize(
+    "position,csc,expected",
+    [("end", False, "shared_prefix"), ("end", True, "truncate"), ("middle", False, "truncate")],
+)
+def test_text_mode_selection(clip32, position, csc, expected):
+    cfg = _cfg()
+    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = position
+    cfg.TRAINER.COOP.CSC = csc
+    pl = PromptLearner(cfg, NAMES, clip32)
+    assert text_mode(cfg, pl) == expected
+    assert text_mode(_cfg(ENABLED=False), pl) == "plain"
+    cfg.FAST.TEXT = "truncate"
+    assert text_mode(cfg, pl) == "truncate"
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_shared_prefix_matches_plain_forward_and_gradient(clip32, chunk):
+    torch.manual_seed(0)
+    pl = PromptLearner(_cfg(), NAMES, clip32)
+    plain = TextEncoder(clip32)
+    shared = SharedPrefixTextEncoder(clip32, class_chunk=chunk)
+    tok = pl.tokenized_prompts
+
+    out_plain = plain(pl(), tok)
+    (out_plain**2).sum().backward()
+    grad_plain = pl.ctx.grad.clone()
+    pl.ctx.grad = None
+
+    out_fast = shared(torch.cat([pl.token_prefix[0], pl.ctx]), pl.token_suffix, tok)
+    (out_fast**2).sum().backward()
+    assert torch.allclose(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(pl.ctx.grad, grad_plain, rtol=1e-4, atol=1e-4 * grad_plain.abs().max())
+    assert not torch.equal(grad_plain, torch.zeros_like(grad_plain))
+
+
+def test_truncated_matches_plain_for_middle_and_csc(clip32):
+    cfg = _cfg()
+    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "middle"
+    cfg.TRAINER.COOP.CSC = True
+    torch.manual_seed(0)
+    pl = PromptLearner(cfg, NAMES, clip32)
+    a = TextEncoder(clip32)(pl(), pl.tokenized_prompts)
+    b = TextEncoder(clip32, eot_truncate=True)(pl(), pl.tokenized_prompts)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_text_features_equal_per_batch_logits(clip32):
+    torch.manual_seed(0)
+    model = CustomCLIP(_cfg(), NAMES, clip32)
+    img = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        per_batch = model(img)
+        with model.frozen_text_features():
+            frozen = model(img)
+    assert torch.equal(per_batch, frozen)
+
+
+def test_training_with_fast_paths_matches_plain(data_root, learnable_clip, tmp_path):
+    runs = {}
+    for name, fast in (("plain", "False"), ("fast", "True")):
+        out = str(tmp_path / name)
+        argv = coop_argv(
+            data_root, out, learnable_clip, 1, 4,
+            "OPTIM.MAX_EPOCH", "3", "DATALOADER.TRAIN_X.BATCH_SIZE", "8",
+            "TRAIN.PRINT_FREQ", "1", "FAST.ENABLED", fast,
+        )  # fmt: skip
+        assert main(argv) == 0
+        runs[name] = out
+    plain = loss_lines(os.path.join(runs["plain"], "log.txt"))
+    fast = loss_lines(os.path.join(runs["fast"], "log.txt"))
+    assert len(plain) == len(fast) == 15
+
+    def losses(lines):
+        return [float(line.split()[5]) for line in lines]
+
+    assert losses(fast) == pytest.approx(losses(plain), abs=2e-4)
+    a = torch.load(
+        os.path.join(runs["plain"], "prompt_learner", "model.pth.tar-3"), weights_only=True
+    )
+    b = torch.load(
+        os.path.join(runs["fast"], "prompt_learner", "model.pth.tar-3"), weights_only=True
+    )
+    assert torch.allclose(a["state_dict"]["ctx"], b["state_dict"]["ctx"], atol=1e-4)
+    assert read_results(runs["plain"])["metrics"] == pytest.approx(
+        read_results(runs["fast"])["metrics"], abs=1e-6
+    )
+
+
+def _features_dir():
+    return os.path.join(os.environ["COOP_CACHE_DIR"], "features")
+
+
+def test_eval_feature_cache_cold_and_warm_give_identical_results(data_root, tiny_vit, tmp_path):
+    cache = str(tmp_path / "cache")
+    outs = []
+    for i in range(2):
+        out = str(tmp_path / f"zs{i}")
+        assert main(zeroshot_argv(data_root, out, tiny_vit, "FAST.CACHE_DIR", cache)) == 0
+        outs.append(out)
+    entries = [f for f in os.listdir(os.path.join(cache, "features")) if f.endswith(".pt")]
+    assert len(entries) == 1
+    entry = torch.load(os.path.join(cache, "features", entries[0]), weights_only=True)
+    assert entry["features"][0].shape == (60, 64)
+    log_warm = open(os.path.join(outs[1], "log.txt"), encoding="utf-8").read()
+    assert "Using cached image features of the *test* set" in log_warm
+    plain = str(tmp_path / "plain")
+    assert main(zeroshot_argv(data_root, plain, tiny_vit, "FAST.ENABLED", "False")) == 0
+    assert read_results(outs[0])["metrics"] == read_results(plain)["metrics"]
+    assert read_results(outs[1])["metrics"] == read_results(plain)["metrics"]
+
+    # a changed test image gives a new key: the features are recomputed, not reused
+    ddir = os.path.join(data_root, "caltech-101")
+    with open(os.path.join(ddir, "split_zhou_Caltech101.json"), encoding="utf-8") as f:
+        rel = json.load(f)["test"][0][0]
+    victim = os.path.join(ddir, "101_ObjectCategories", rel)
+    st = os.stat(victim)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    out3 = str(tmp_path / "zs3")
+    assert main(zeroshot_argv(data_root, out3, tiny_vit, "FAST.CACHE_DIR", cache)) == 0
+    entries = [f for f in os.listdir(os.path.join(cache, "features")) if f.endswith(".pt")]
+    assert len(entries) == 2
+
+
+def test_eval_cache_shared_across_seeds_and_keeps_the_random_stream(data_root, tiny_vit, tmp_path):
+    """CoOp runs with cold and warm caches: same metrics, and the warm run still consumes the
+    loader's seed draw (checked through identical final test results and RNG states)."""
+    from coop.trainers.coop import CoOp
+
+    states = []
+    original_test = CoOp.test
+
+    def recording_test(self, split=None):
+        r = original_test(self, split)
+        states.append(torch.get_rng_state().clone())
+        return r
+
+    cache = str(tmp_path / "cache")
+    results = []
+    try:
+        CoOp.test = recording_test
+        for i in range(2):
+            out = str(tmp_path / f"r{i}")
+            argv = coop_argv(
+                data_root, out, tiny_vit, 1, 2, "OPTIM.MAX_EPOCH", "1", "FAST.CACHE_DIR", cache
+            )
+            assert main(argv) == 0
+            results.append(read_results(out)["metrics"])
+    finally:
+        CoOp.test = original_test
+    assert results[0] == results[1]
+    assert torch.equal(states[0], states[1])
+
+
+def test_damaged_cache_entry_is_recomputed(data_root, tiny_vit, tmp_path):
+    cache = str(tmp_path / "cache")
+    out = str(tmp_path / "a")
+    assert main(zeroshot_argv(data_root, out, tiny_vit, "FAST.CACHE_DIR", cache)) == 0
+    (entry,) = [f for f in os.listdir(os.path.join(cache, "features")) if f.endswith(".pt")]
+    with open(os.path.join(cache, "features", entry), "wb") as f:
+        f.write(b"not a tensor file")
+    out2 = str(tmp_path / "b")
+    assert main(zeroshot_argv(data_root, out2, tiny_vit, "FAST.CACHE_DIR", cache)) == 0
+    assert read_results(out2)["metrics"] == read_results(out)["metrics"]
+
+
+def test_training_feature_cache_is_opt_in_and_deterministic(data_root, learnable_clip, tmp_path):
+    outs = []
+    for i in range(2):
+        out = str(tmp_path / f"t{i}")
+        argv = coop_argv(
+            data_root, out, learnable_clip, 1, 16, "OPTIM.MAX_EPOCH", "20",
+            "FAST.TRAIN_FEATURE_CACHE", "True", "FAST.TRAIN_CACHE_VIEWS", "4",
+        )  # fmt: skip
+        assert main(argv) == 0
+        outs.append(out)
+    log = open(os.path.join(outs[0], "log.txt"), encoding="utf-8").read()
+    assert "Training feature cache (opt-in deviation): 4 augmented views of 100 images" in log
+    assert read_results(outs[0])["metrics"] == read_results(outs[1])["metrics"]
+    zs = str(tmp_path / "zs")
+    assert main(zeroshot_argv(data_root, zs, learnable_clip)) == 0
+    assert read_results(outs[0])["metrics"]["accuracy"] > read_results(zs)["metrics"]["accuracy"]
