@@ -502,7 +502,7 @@ def encode_suffix(
     return x_s
 
 
-class SharedPrefixTextEncoder(nn.Module):
+class SharedPrefixTextEncoder(TextEncoder):
     """CLIP's text tower for prompts that share their first ``P`` token embeddings.
 
     With a unified context and the class token at the end, the start token and the context
@@ -515,15 +515,10 @@ class SharedPrefixTextEncoder(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, class_chunk: int = 0) -> None:
-        super().__init__()
-        self.transformer = clip_model.transformer
-        self.positional_embedding = clip_model.positional_embedding
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-        self.dtype = clip_model.dtype
+        super().__init__(clip_model)
         self.class_chunk = class_chunk
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, prefix: torch.Tensor, suffix: torch.Tensor, tokenized_prompts: torch.Tensor
     ) -> torch.Tensor:
         """``prefix`` (P, D) shared embeddings, ``suffix`` (n, 77 - P, D) per-class

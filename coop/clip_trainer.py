@@ -54,7 +54,9 @@ class CLIPTrainer(TrainerX):
     # ------------------------------------------------------------------ evaluation cache
     def eval_cache_enabled(self) -> bool:
         fast = self.cfg.FAST
-        return bool(fast.ENABLED and fast.EVAL_FEATURE_CACHE)
+        # skipped unreadable images are counted per pass, so such runs read the images
+        skipping = self.cfg.DATALOADER.SKIP_UNREADABLE
+        return bool(fast.ENABLED and fast.EVAL_FEATURE_CACHE and not skipping)
 
     def _weights_hash(self, cache_root: str) -> str:
         from coop.clip_adapter import resolve_weights

@@ -157,6 +157,9 @@ def _coop_dassl_additions(cfg: CN) -> None:
     cfg.DATASET.CACHE_DIR = ""
     # Folder for downloaded CLIP weights. "" = $COOP_CLIP_CACHE, else ~/.cache/clip.
     cfg.MODEL.BACKBONE.CACHE_DIR = ""
+    # Opt-in: skip images that cannot be decoded (counted and logged per epoch/evaluation)
+    # instead of stopping with an error that names the file.
+    cfg.DATALOADER.SKIP_UNREADABLE = False
 
     # Speed. Every fast path below gives the plain path's numbers up to float rounding;
     # FAST.ENABLED False computes exactly what the original code computes (bit for bit).

@@ -25,11 +25,13 @@ __all__ = [
     "MissingImageError",
     "UnreadableImageError",
     "EmptyLoaderError",
+    "DatasetError",
     "INTERPOLATION_NAMES",
     "SUPPORTED_TRANSFORMS",
     "build_transform",
     "read_image",
     "DatasetWrapper",
+    "skip_unreadable_collate",
     "build_data_loader",
     "DataManager",
 ]
@@ -45,6 +47,10 @@ class UnreadableImageError(OSError):
 
 class EmptyLoaderError(ValueError):
     """A data loader would yield no batch."""
+
+
+class DatasetError(ValueError):
+    """The files of a dataset do not have the expected layout or content."""
 
 
 # --------------------------------------------------------------------------------------
@@ -347,6 +353,10 @@ class DatasetWrapper(TorchDataset):
     the un-augmented image as a tensor, when ``DATALOADER.RETURN_IMG0``). With
     ``DATALOADER.K_TRANSFORMS > 1`` (training only) ``img`` is a list of K augmented views; a
     list of transforms gives ``img``, ``img2``, ``img3``, ...
+
+    An image that cannot be decoded raises :class:`UnreadableImageError` naming the file;
+    with ``DATALOADER.SKIP_UNREADABLE`` the item is instead ``{"_unreadable": impath,
+    "index": idx}``, which :func:`skip_unreadable_collate` drops from its batch.
     """
 
     def __init__(
@@ -364,6 +374,7 @@ class DatasetWrapper(TorchDataset):
         self.is_train = is_train
         self.k_tfm = cfg.DATALOADER.K_TRANSFORMS if is_train else 1
         self.return_img0 = cfg.DATALOADER.RETURN_IMG0
+        self.skip_unreadable = bool(cfg.DATALOADER.get("SKIP_UNREADABLE", False))
         if self.k_tfm > 1 and transform is None:
             raise ValueError("DATALOADER.K_TRANSFORMS > 1 needs a transform, but none was given")
         # the un-augmented view (img0, or img when there is no transform)
@@ -390,7 +401,12 @@ class DatasetWrapper(TorchDataset):
             "impath": item.impath,
             "index": idx,
         }
-        img0 = read_image(item.impath)
+        try:
+            img0 = read_image(item.impath)
+        except UnreadableImageError:
+            if not self.skip_unreadable:
+                raise
+            return {"_unreadable": item.impath, "index": idx}
         if self.transform is None:
             output["img"] = self.to_tensor(img0)
         elif isinstance(self.transform, (list, tuple)):
@@ -402,6 +418,21 @@ class DatasetWrapper(TorchDataset):
         if self.return_img0:
             output["img0"] = self.to_tensor(img0)
         return output
+
+
+def skip_unreadable_collate(batch: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Collate the readable items of ``batch`` (the default collate) and list the paths of
+    the unreadable ones under ``"_skipped"``; ``"_empty"`` is True when none was readable."""
+    from torch.utils.data import default_collate
+
+    good = [item for item in batch if "_unreadable" not in item]
+    skipped = [item["_unreadable"] for item in batch if "_unreadable" in item]
+    if not good:
+        return {"_skipped": skipped, "_empty": True}
+    out = default_collate(good)
+    if skipped:
+        out["_skipped"] = skipped
+    return out
 
 
 SAMPLERS = ("RandomSampler", "SequentialSampler")
@@ -439,6 +470,9 @@ def build_data_loader(
         )
     wrapper_cls = dataset_wrapper or DatasetWrapper
     wrapper = wrapper_cls(cfg, data_source, transform=tfm, is_train=is_train)
+    extra: Dict[str, Any] = {}
+    if cfg.DATALOADER.get("SKIP_UNREADABLE", False):
+        extra["collate_fn"] = skip_unreadable_collate
     sampler = _build_sampler(sampler_type, wrapper)
     loader = torch.utils.data.DataLoader(
         wrapper,
@@ -447,6 +481,7 @@ def build_data_loader(
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         drop_last=is_train and len(data_source) >= batch_size,
         pin_memory=torch.cuda.is_available() and cfg.USE_CUDA,
+        **extra,
     )
     if len(loader) == 0:
         raise EmptyLoaderError(
@@ -476,7 +511,13 @@ class DataManager:
     ) -> None:
         from coop.registry import build_dataset
 
-        dataset = build_dataset(cfg)
+        try:
+            dataset = build_dataset(cfg)
+        except ValueError as e:
+            if type(e) is not ValueError:
+                raise
+            # the datasets report bad files and layouts as plain ValueErrors
+            raise DatasetError(str(e)) from e
 
         if custom_tfm_train is None:
             tfm_train = build_transform(cfg, is_train=True)

@@ -6,31 +6,73 @@ epoch after the last batch, evaluator, checkpoints with Dassl's file names, resu
 that users asked for: checkpoints are written atomically and hold only tensors and plain
 values (they load with ``weights_only=True``), resume restores the RNG states and the LR
 schedule, log lines go through :mod:`logging`, and every run writes ``results.json``.
+
+Exact resume. Besides Dassl's checkpoints (``model.pth.tar-N`` at CHECKPOINT_FREQ and the
+last epoch, ``model-best.pth.tar``, the ``checkpoint`` pointer), every epoch ends by
+atomically overwriting ``<OUTPUT_DIR>/<model name>/resume.pth.tar`` (same content as a
+checkpoint: weights, optimizer, scheduler, RNG states, best result, GradScaler).
+``resume_model_if_exist`` continues from the newer of the pointer's target and
+``resume.pth.tar`` (by stored epoch), so a run killed at any point and started again with the
+same command ends exactly as an uninterrupted run (bit for bit on the CPU with the same
+worker count). ``resume.pth.tar`` is deleted once the run has finished (after the
+``finished`` marker is written); rerunning a finished OUTPUT_DIR resumes from the last
+official checkpoint and only repeats the final test, as in Dassl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import math
 import os
 import os.path as osp
 import random
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from coop.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
+from coop.io import (
+    CheckpointError,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    remove_stale_temp_files,
+)
 from coop.registry import build_evaluator
 from coop.utils import AverageMeter, MetricMeter, format_eta
 
 logger = logging.getLogger(__name__)
 
 FINISHED_MARKER = "finished"
+RESUME_FILE = "resume.pth.tar"
+_MAX_LISTED_SKIPS = 3
+
+# Checks run by SimpleTrainer.__init__ after the data is built and before the model (e.g.
+# the CLIP load): callables taking the trainer. See ``checks_before_build_model``.
+_PRE_MODEL_CHECKS: List[Callable[[Any], None]] = []
+
+
+@contextlib.contextmanager
+def checks_before_build_model(*checks: Callable[[Any], None]) -> Iterator[None]:
+    """Run ``checks(trainer)`` inside every ``SimpleTrainer.__init__`` of the ``with`` block,
+    after ``build_data_loader`` (the classes are known) and before ``build_model``."""
+    _PRE_MODEL_CHECKS.extend(checks)
+    try:
+        yield
+    finally:
+        for check in checks:
+            _PRE_MODEL_CHECKS.remove(check)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing is saved after it."""
 
 
 class TrainerBase:
@@ -103,6 +145,27 @@ class TrainerBase:
         sd = self._models[name].state_dict()
         return OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in sd.items())
 
+    def checkpoint_dict(
+        self, name: str, epoch: int, val_result: Optional[float] = None
+    ) -> Dict[str, Any]:
+        """What a checkpoint of model ``name`` after 0-based ``epoch`` holds (tensors and
+        plain values only: it loads with ``weights_only=True``)."""
+        optim = self._optims[name]
+        sched = self._scheds[name]
+        checkpoint = {
+            "state_dict": self.model_state_dict(name),
+            "epoch": epoch + 1,
+            "optimizer": optim.state_dict() if optim is not None else None,
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "val_result": val_result,
+            "rng_state": self._rng_state(),
+            "best_result": float(getattr(self, "best_result", -np.inf)),
+        }
+        scaler = self.__dict__.get("scaler")
+        if scaler is not None and hasattr(scaler, "state_dict"):
+            checkpoint["scaler"] = scaler.state_dict()
+        return checkpoint
+
     def save_model(
         self,
         epoch: int,
@@ -114,17 +177,7 @@ class TrainerBase:
         """Write ``<directory>/<name>/model.pth.tar-<epoch+1>`` (or ``model_name``) and the
         ``checkpoint`` pointer file for every registered model, atomically."""
         for name in self.get_model_names():
-            optim = self._optims[name]
-            sched = self._scheds[name]
-            checkpoint = {
-                "state_dict": self.model_state_dict(name),
-                "epoch": epoch + 1,
-                "optimizer": optim.state_dict() if optim is not None else None,
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "val_result": val_result,
-                "rng_state": self._rng_state(),
-                "best_result": float(getattr(self, "best_result", -np.inf)),
-            }
+            checkpoint = self.checkpoint_dict(name, epoch, val_result)
             fdir = osp.join(directory, name)
             fname = model_name or f"model.pth.tar-{epoch + 1}"
             fpath = osp.join(fdir, fname)
@@ -134,27 +187,86 @@ class TrainerBase:
             if is_best:
                 atomic_torch_save(checkpoint, osp.join(fdir, "model-best.pth.tar"))
 
+    def save_resume_state(self, epoch: int, directory: str) -> None:
+        """Overwrite ``<directory>/<name>/resume.pth.tar`` with the state after 0-based
+        ``epoch`` (atomically; the ``checkpoint`` pointer is not touched)."""
+        for name in self.get_model_names():
+            atomic_torch_save(
+                self.checkpoint_dict(name, epoch), osp.join(directory, name, RESUME_FILE)
+            )
+
+    def remove_resume_state(self, directory: str) -> None:
+        """Delete the per-epoch resume files (once the run has finished)."""
+        for name in self.get_model_names():
+            path = osp.join(directory, name, RESUME_FILE)
+            if osp.isfile(path):
+                os.unlink(path)
+
+    @staticmethod
+    def _resume_candidates(folder: str) -> List[str]:
+        """The checkpoint the ``checkpoint`` pointer names (if any), then ``resume.pth.tar``
+        (if it exists)."""
+        out = []
+        pointer = osp.join(folder, "checkpoint")
+        if osp.isfile(pointer):
+            with open(pointer, encoding="utf-8") as f:
+                fname = f.readline().strip()
+            if fname:
+                out.append(osp.join(folder, fname))
+        if osp.isfile(osp.join(folder, RESUME_FILE)):
+            out.append(osp.join(folder, RESUME_FILE))
+        return out
+
+    @staticmethod
+    def _newest_checkpoint(candidates: List[str]) -> Any:
+        """``(path, checkpoint)`` of the candidate with the highest stored epoch (the later
+        one on a tie); unreadable candidates are skipped while another one is readable."""
+        best = None
+        errors = []
+        for i, fpath in enumerate(candidates):
+            try:
+                ckpt = load_checkpoint(fpath)
+            except (CheckpointError, OSError) as e:
+                errors.append(e)
+                continue
+            key = (int(ckpt.get("epoch") or 0), i)
+            if best is None or key > best[0]:
+                best = (key, fpath, ckpt)
+        if best is None:
+            raise errors[0]
+        for e in errors:
+            logger.warning(f"Ignoring an unusable checkpoint: {e}")
+        return best[1], best[2]
+
+    def saved_epoch(self, directory: str) -> int:
+        """The epoch ``resume_model_if_exist(directory)`` would resume from (-1: none)."""
+        epochs = []
+        for name in self.get_model_names():
+            candidates = self._resume_candidates(osp.join(directory, name))
+            if not candidates:
+                return -1
+            try:
+                epochs.append(int(self._newest_checkpoint(candidates)[1].get("epoch") or 0))
+            except (CheckpointError, OSError):
+                return -1
+        return min(epochs) if epochs else -1
+
     def resume_model_if_exist(self, directory: str) -> int:
-        """Resume every registered model from ``<directory>/<name>/checkpoint``; return the
-        epoch to start from (0 when there is nothing to resume)."""
+        """Resume every registered model from the newer (by stored epoch) of the checkpoint
+        named by ``<directory>/<name>/checkpoint`` and ``<directory>/<name>/resume.pth.tar``;
+        return the epoch to start from (0 when there is nothing to resume)."""
         names = self.get_model_names()
         if not names:
             return 0
-        file_missing = any(
-            not osp.exists(osp.join(directory, name, "checkpoint")) for name in names
-        )
-        if file_missing:
+        candidates = {name: self._resume_candidates(osp.join(directory, name)) for name in names}
+        if any(not c for c in candidates.values()):
             logger.info("No checkpoint found, train from scratch")
             return 0
         logger.info(f"Found checkpoint at {directory} (will resume training)")
         start_epoch = 0
         rng = None
         for name in names:
-            path = osp.join(directory, name)
-            with open(osp.join(path, "checkpoint"), encoding="utf-8") as f:
-                fname = f.readline().strip()
-            fpath = osp.join(path, fname)
-            ckpt = load_checkpoint(fpath)
+            fpath, ckpt = self._newest_checkpoint(candidates[name])
             state_dict = self.prepare_loaded_state_dict(name, ckpt["state_dict"], fpath)
             self._models[name].load_state_dict(state_dict, strict=True)
             logger.info(f"Loaded model weights from {fpath}")
@@ -164,6 +276,9 @@ class TrainerBase:
             if self._scheds[name] is not None and isinstance(ckpt.get("scheduler"), dict):
                 self._scheds[name].load_state_dict(ckpt["scheduler"])
                 logger.info("Loaded scheduler")
+            scaler = self.__dict__.get("scaler")
+            if scaler is not None and isinstance(ckpt.get("scaler"), dict):
+                scaler.load_state_dict(ckpt["scaler"])
             start_epoch = ckpt["epoch"]
             rng = ckpt.get("rng_state") or rng
             if "best_result" in ckpt:
@@ -219,8 +334,44 @@ class TrainerBase:
                 self._scheds[name].step()
 
     def detect_anomaly(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            raise FloatingPointError("Loss is infinite or NaN!")
+        """Stop with :class:`NonFiniteLossError` when ``loss`` is NaN or infinite."""
+        if not torch.isfinite(torch.as_tensor(loss)).all():
+            raise NonFiniteLossError(self.non_finite_loss_message(loss))
+
+    def precision_key(self) -> Any:
+        """``(config key, value)`` of the precision setting: the trainer's own node's PREC
+        (``TRAINER.<NAME>.PREC``) when it has one, else TRAINER.COOP.PREC."""
+        cfg = self.__dict__.get("cfg")
+        if cfg is None:
+            return "precision", "unknown"
+        node_name = str(cfg.TRAINER.NAME).upper()
+        node = cfg.TRAINER.get(node_name)
+        if node is not None and hasattr(node, "get") and "PREC" in node:
+            return f"TRAINER.{node_name}.PREC", node.PREC
+        coop = cfg.TRAINER.get("COOP")
+        return "TRAINER.COOP.PREC", coop.PREC if coop is not None else "unknown"
+
+    def non_finite_loss_message(self, loss: Any) -> str:
+        value = float(torch.as_tensor(loss).detach().float().reshape(-1)[0])
+        epoch = self.__dict__.get("epoch", 0) + 1
+        max_epoch = self.__dict__.get("max_epoch", "?")
+        batch = self.__dict__.get("batch_idx", 0) + 1
+        num_batches = self.__dict__.get("num_batches", "?")
+        key, prec = self.precision_key()
+        if prec == "fp32":
+            advice = f"Use a lower OPTIM.LR ({key} is fp32 already)"
+        elif prec == "amp":
+            advice = f"Use {key} fp32 (or bf16 where the hardware supports it), or a lower OPTIM.LR"
+        else:
+            advice = (
+                f"Use {key} amp or fp32 (or bf16 where the hardware supports it), or a lower "
+                f"OPTIM.LR"
+            )
+        return (
+            f"Loss is infinite or NaN ({value}) at epoch {epoch}/{max_epoch}, batch "
+            f"{batch}/{num_batches} with {key} {prec}; training stopped and nothing was saved "
+            f"after this batch (the last checkpoint, if any, is kept). {advice}"
+        )
 
     def init_writer(self, log_dir: str) -> None:
         if self.__dict__.get("_writer") is None or self._writer is None:
@@ -318,6 +469,8 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.cfg = cfg
         self.build_data_loader()
+        for check in list(_PRE_MODEL_CHECKS):
+            check(self)
         self.build_model()
         self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
         self.best_result = -np.inf
@@ -347,9 +500,27 @@ class SimpleTrainer(TrainerBase):
 
     def before_train(self) -> None:
         directory = self.cfg.OUTPUT_DIR
+        if self.output_dir:  # temporary files of writes that a kill interrupted
+            remove_stale_temp_files(self.output_dir)
+            for name in self.get_model_names():
+                remove_stale_temp_files(osp.join(self.output_dir, name))
         if self.cfg.RESUME:
-            directory = self.cfg.RESUME
+            # the same command again after a kill: this run's own progress in OUTPUT_DIR is
+            # newer than the RESUME checkpoint it started from
+            own = self.saved_epoch(self.output_dir) if self.output_dir else -1
+            if own < 0 or own < self.saved_epoch(self.cfg.RESUME):
+                directory = self.cfg.RESUME
         self.start_epoch = self.resume_model_if_exist(directory)
+        if self.start_epoch > 0:
+            self.epoch = self.start_epoch - 1  # the last finished epoch
+        finished = osp.join(self.output_dir, FINISHED_MARKER) if self.output_dir else ""
+        if finished and osp.exists(finished):
+            if self.start_epoch >= self.max_epoch:
+                logger.info(
+                    f"The run in {self.output_dir} has finished; only the final test is repeated"
+                )
+            else:  # more epochs than the finished run had: it is unfinished again
+                os.unlink(finished)
         writer_dir = osp.join(self.output_dir, "tensorboard")
         os.makedirs(writer_dir, exist_ok=True)
         self.init_writer(writer_dir)
@@ -368,10 +539,12 @@ class SimpleTrainer(TrainerBase):
         elapsed = round(time.time() - self.time_start)
         logger.info(f"Elapsed: {datetime.timedelta(seconds=elapsed)}")
         self.close_writer()
-        atomic_write_text(
-            osp.join(self.output_dir, FINISHED_MARKER),
-            f"finished epoch {self.max_epoch}\n",
-        )
+        if self.output_dir:
+            atomic_write_text(
+                osp.join(self.output_dir, FINISHED_MARKER),
+                f"finished epoch {self.max_epoch}\n",
+            )
+            self.remove_resume_state(self.output_dir)
 
     def after_epoch(self) -> None:
         last_epoch = (self.epoch + 1) == self.max_epoch
@@ -394,6 +567,8 @@ class SimpleTrainer(TrainerBase):
                 )
         if meet_checkpoint_freq or last_epoch:
             self.save_model(self.epoch, self.output_dir)
+        if self.output_dir:
+            self.save_resume_state(self.epoch, self.output_dir)
 
     @torch.no_grad()
     def test(self, split: Optional[str] = None) -> float:
@@ -410,6 +585,7 @@ class SimpleTrainer(TrainerBase):
         logger.info(f"Evaluate on the *{split}* set")
         with self.evaluation_context():
             self.run_evaluation(split, data_loader)
+        self.report_skipped(f"the *{split}* set")
         results = self.evaluator.evaluate()
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
@@ -421,6 +597,9 @@ class SimpleTrainer(TrainerBase):
     def run_evaluation(self, split: str, data_loader: Any) -> None:
         """Feed every batch's outputs to the evaluator (a hook for cached features)."""
         for batch in tqdm(data_loader, desc=f"eval {split}", leave=False):
+            batch = self.take_skipped(batch)
+            if batch is None:
+                continue
             input, label = self.parse_batch_test(batch)
             output = self.model_inference(input)
             self.evaluator.process(output, label)
@@ -450,6 +629,8 @@ class SimpleTrainer(TrainerBase):
             "correct": int(self.evaluator._correct),
             "config": _cfg_to_dict(self.cfg),
         }
+        if self.cfg.DATALOADER.get("SKIP_UNREADABLE", False):
+            payload["skipped_unreadable"] = self.__dict__.get("last_skipped_count", 0)
         atomic_write_json(osp.join(self.output_dir, "results.json"), payload, indent=2)
 
     def parse_batch_train(self, batch: Dict[str, Any]):
@@ -461,6 +642,30 @@ class SimpleTrainer(TrainerBase):
         input = batch["img"].to(self.device)
         label = batch["label"].to(self.device)
         return input, label
+
+    # ------------------------------------------------------------------ unreadable images
+    def take_skipped(self, batch: Any) -> Any:
+        """Record the unreadable images a batch skipped (DATALOADER.SKIP_UNREADABLE); returns
+        the batch without that record, or ``None`` when none of its images was readable."""
+        if not isinstance(batch, dict) or "_skipped" not in batch:
+            return batch
+        self.__dict__.setdefault("_skipped_paths", []).extend(batch.pop("_skipped"))
+        if batch.pop("_empty", False):
+            return None
+        return batch
+
+    def report_skipped(self, where: str) -> int:
+        """Log how many images were skipped since the last report (and the first few)."""
+        paths = self.__dict__.pop("_skipped_paths", [])
+        self.last_skipped_count = len(paths)
+        if paths:
+            first = ", ".join(paths[:_MAX_LISTED_SKIPS])
+            more = " ..." if len(paths) > _MAX_LISTED_SKIPS else ""
+            logger.warning(
+                f"Skipped {len(paths)} unreadable image(s) in {where} "
+                f"(DATALOADER.SKIP_UNREADABLE): {first}{more}"
+            )
+        return len(paths)
 
     def get_current_lr(self, names: Any = None) -> float:
         name = self.get_model_names(names)[0]
@@ -483,7 +688,17 @@ class TrainerX(SimpleTrainer):
         for batch_idx, batch in enumerate(self.train_loader_x):
             self.batch_idx = batch_idx
             data_time.update(time.time() - end)
+            batch = self.take_skipped(batch)
+            if batch is None:  # every image of the batch was unreadable (and skipped)
+                if self.batch_idx + 1 == self.num_batches:
+                    self.update_lr()  # the trainers step the schedule on the last batch
+                end = time.time()
+                continue
             loss_summary = self.forward_backward(batch)
+            loss_value = (loss_summary or {}).get("loss")
+            if isinstance(loss_value, (float, int)) and not math.isfinite(loss_value):
+                # trainers whose update path does not call detect_anomaly (e.g. amp)
+                raise NonFiniteLossError(self.non_finite_loss_message(loss_value))
             batch_time.update(time.time() - end)
             losses.update(loss_summary)
 
@@ -509,6 +724,7 @@ class TrainerX(SimpleTrainer):
                 self.write_scalar("train/" + name, meter.avg, n_iter)
             self.write_scalar("train/lr", self.get_current_lr(), n_iter)
             end = time.time()
+        self.report_skipped(f"epoch {self.epoch + 1}/{self.max_epoch}")
 
     def parse_batch_train(self, batch: Dict[str, Any]):
         input = batch["img"].to(self.device)

@@ -11,16 +11,15 @@ share them safely.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from coop.io import atomic_torch_save, atomic_write_json
+from coop.io import atomic_torch_save, atomic_write_json, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +30,6 @@ def default_cache_dir(cfg_value: str = "") -> str:
     """``FAST.CACHE_DIR``, else ``$COOP_CACHE_DIR``, else ``~/.cache/coop``."""
     path = cfg_value or os.environ.get("COOP_CACHE_DIR") or os.path.join("~", ".cache", "coop")
     return os.path.abspath(os.path.expanduser(path))
-
-
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """An exclusive advisory lock on ``path + '.lock'`` (a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def file_sha256(path: str, cache_dir: str) -> str:

@@ -1,48 +1,127 @@
-"""Atomic file writes and safe checkpoint loading.
+"""Atomic file writes, file locks and safe checkpoint loading.
 
 Every file the package writes goes through these helpers: the content is written to a
-temporary file in the same folder, flushed and fsync'ed, then renamed over the target, so a
-crash or a full disk never leaves a half-written file behind and the previous version stays
-intact.
+temporary file in the same folder (``.<name>.<pid>@<host>.<random>.tmp``), flushed and
+fsync'ed, then renamed over the target, so a crash, a kill or a full disk never leaves a
+half-written file behind and the previous version stays intact. A temporary file left by a
+killed process is removed by :func:`remove_stale_temp_files` (only when its process is gone).
+
+Sections that check for a shared cache file and create it when it is missing (split files,
+few-shot subsets) run under :func:`file_lock`, so concurrent runs that share a dataset root
+never both write it: the second waits and then reads what the first wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
-from typing import Any, Iterator
+import warnings
+from typing import Any, Iterator, List, Optional
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "WriteError",
+    "CheckpointError",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "file_lock",
+    "remove_stale_temp_files",
+    "safe_torch_load",
+    "read_legacy_checkpoint",
+    "load_checkpoint",
+]
 
 
 class WriteError(OSError):
-    """A file could not be written (full disk, read-only folder, ...)."""
+    """A file could not be written (full disk, read-only folder, ...).
+
+    ``str()`` is the plain message (no ``[Errno N]`` prefix); ``errno`` is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror if self.strerror is not None else super().__str__())
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_error(path: str, e: OSError) -> WriteError:
+    """A :class:`WriteError` for ``path`` that says in words what went wrong."""
+    if e.errno in _DISK_FULL:
+        what = "disk quota exceeded" if e.errno != errno.ENOSPC else "no space left on device"
+        msg = (
+            f"Cannot write {path}: the disk is full ({what}). The previous version of the "
+            f"file, if any, is unchanged; free some space and run the same command again"
+        )
+    elif e.errno in _NO_PERMISSION:
+        msg = f"Cannot write {path}: permission denied (the folder is read-only or not yours)"
+    else:
+        msg = f"Cannot write {path}: {e.strerror or e}"
+    return WriteError(e.errno, msg)
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:40]
+
+
+_TMP_RE = re.compile(r"^\.(?P<base>.+)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.[^.]+\.tmp$")
+
+
+def _commit(tmp: str, path: str) -> None:
+    """Rename the finished temporary file over the target (a test hook)."""
+    os.replace(tmp, path)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make the rename durable (best effort; not every filesystem supports it)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb", encoding: str | None = None) -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success it atomically replaces ``path``."""
+    """Open a temporary file beside ``path``; on success it atomically replaces ``path``.
+
+    Any ``OSError`` (full disk, permission, ...) becomes a :class:`WriteError` naming
+    ``path``; the temporary file is removed and ``path`` keeps its previous content."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
-            prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder
+            prefix=f".{os.path.basename(path)}.{os.getpid()}@{_host_tag()}.",
+            suffix=".tmp",
+            dir=folder,
         )
     except OSError as e:
-        raise WriteError(e.errno, f"Cannot write {path}: {e.strerror}") from None
+        raise write_error(path, e) from None
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, WriteError):
-            raise WriteError(e.errno, f"Cannot write {path}: {e.strerror or e}") from None
+            raise write_error(path, e) from None
         raise
+    _fsync_dir(folder)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -68,6 +147,80 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: nothing of ours is being written right now
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the process exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str, basename: Optional[str] = None) -> List[str]:
+    """Remove the temporary files that killed processes of this host left in ``folder``
+    (only those of ``basename`` when given); returns the removed paths.
+
+    A temporary file is removed only when the process that wrote it no longer exists, so
+    this is safe while other processes write into the same folder."""
+    removed: List[str] = []
+    if not folder or not os.path.isdir(folder):
+        return removed
+    host = _host_tag()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_RE.match(name)
+        if not m or m.group("host") != host:
+            continue
+        if basename is not None and m.group("base") != basename:
+            continue
+        if _pid_alive(int(m.group("pid"))):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(path)
+            logger.info("Removed %s, left by an interrupted write", path)
+    return removed
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``) for the ``with`` block.
+
+    Use it around "check whether ``path`` exists, create it if not, write it": a second
+    process waits until the first has written ``path`` and then finds it. The lock file is
+    left in place (removing it would race with waiting processes). On systems without
+    ``fcntl`` the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    lock_path = path + ".lock"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(lock_path, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("Waiting for another process to finish writing %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def safe_torch_load(path: str, map_location: Any = "cpu") -> Any:
@@ -127,9 +280,14 @@ def _restricted_pickle_module() -> Any:
                 return getattr(torch, name)
             return _Inert
 
+    def load(file: Any, **kwargs: Any) -> Any:
+        # torch reads the header pickles of old-format files with ``pickle_module.load``:
+        # they must go through the restricted unpickler too, never ``pickle.load``
+        return RestrictedUnpickler(file, **kwargs).load()
+
     mod = types.ModuleType("coop_restricted_pickle")
     mod.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-    mod.load = pickle.load  # type: ignore[attr-defined]
+    mod.load = load  # type: ignore[attr-defined]
     mod.__name__ = "coop_restricted_pickle"
     return mod
 
@@ -176,7 +334,9 @@ def load_checkpoint(path: str) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'No checkpoint at "{path}"')
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": we fall back
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - fall back to the restricted reader
         ckpt = read_legacy_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):

@@ -4,10 +4,18 @@ The split JSON (``split_zhou_<Name>.json``) and the generation rules are CoOp's.
 cache is CoOp's ``split_fewshot/shot_{K}-seed_{SEED}`` file, stored as JSON (not pickle),
 with a fingerprint of the split it was drawn from so that a changed split is never served
 stale items.
+
+Both files are created under a file lock (``<file>.lock`` beside the file, see
+:func:`coop.io.file_lock`): runs that share a dataset root and start together never write
+the same file twice; the later ones wait and then read what the first one wrote. A split
+JSON is checked when read: its labels must be 0..n-1 (every one present in train), each label
+with one class name, and val/test labels must occur in train.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -17,7 +25,7 @@ from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from coop.data import DatasetBase, Datum, MissingImageError
-from coop.io import WriteError, atomic_write_json
+from coop.io import WriteError, atomic_write_json, file_lock, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +151,46 @@ def read_split(filepath: str, path_prefix: str) -> Split:
     train = _parse_items(filepath, "train", data["train"], path_prefix)
     val = _parse_items(filepath, "val", data["val"], path_prefix)
     test = _parse_items(filepath, "test", data["test"], path_prefix)
+    check_split_labels(filepath, train, val, test)
     return train, val, test
+
+
+def check_split_labels(
+    filepath: str, train: Sequence[Datum], val: Sequence[Datum], test: Sequence[Datum]
+) -> None:
+    """Refuse labels that cannot work: negative, one label with two class names, train
+    labels that are not 0..n-1 without gaps, or a val/test label that train lacks."""
+    names: Dict[int, Tuple[str, str]] = {}
+    for key, items in (("train", train), ("val", val), ("test", test)):
+        for i, item in enumerate(items):
+            label = item.label
+            if label < 0:
+                raise SplitFileError(
+                    f"Split file {filepath}: {key}[{i}] has a negative label {label}"
+                )
+            seen = names.setdefault(label, (item.classname, f"{key}[{i}]"))
+            if seen[0] != item.classname:
+                raise SplitFileError(
+                    f"Split file {filepath}: label {label} is {seen[0]!r} in {seen[1]} but "
+                    f"{item.classname!r} in {key}[{i}]; each label must name one class"
+                )
+    if not train:
+        raise SplitFileError(f"Split file {filepath}: the train list is empty")
+    train_labels = {item.label for item in train}
+    n = max(train_labels) + 1
+    gaps = sorted(set(range(n)) - train_labels)
+    if gaps:
+        raise SplitFileError(
+            f"Split file {filepath}: the train labels must be 0..{n - 1} without gaps (one per "
+            f"class), but no train item has label(s) {gaps[:10]}"
+        )
+    for key, items in (("val", val), ("test", test)):
+        for i, item in enumerate(items):
+            if item.label not in train_labels:
+                raise SplitFileError(
+                    f"Split file {filepath}: {key}[{i}] has label {item.label}, out of the "
+                    f"range of the train labels 0..{n - 1} ({n} classes)"
+                )
 
 
 def save_split(
@@ -330,6 +377,8 @@ def _write_json(path: str, obj: Any, cfg: Any, what: str) -> None:
     try:
         atomic_write_json(path, obj, indent=4)
     except WriteError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
         raise NotWritableError(
             f"{e}. Set DATASET.CACHE_DIR to a writable folder for the {what}"
         ) from None
@@ -361,10 +410,33 @@ def load_or_create_fewshot(
         cached = _load_fewshot(path, num_shots, cfg.SEED, source, dataset_dir)
         if cached is not None:
             logger.info("Loading preprocessed few-shot data from %s", path)
+            # a run killed while writing another copy of it left its temporary file
+            remove_stale_temp_files(os.path.dirname(path), os.path.basename(path))
             return cached
         # fall through: rebuild (the warning was logged by _load_fewshot)
 
     _require_writable(os.path.dirname(path), cfg, "few-shot cache")
+    with file_lock(path):
+        # another run may have written it while this one waited for the lock
+        if os.path.isfile(path):
+            cached = _load_fewshot(path, num_shots, cfg.SEED, source, dataset_dir, quiet=True)
+            if cached is not None:
+                logger.info("Loading preprocessed few-shot data from %s", path)
+                return cached
+        remove_stale_temp_files(os.path.dirname(path), os.path.basename(path))
+        return _create_fewshot(dataset, cfg, path, source, train, val)
+
+
+def _create_fewshot(
+    dataset: DatasetBase,
+    cfg: Any,
+    path: str,
+    source: str,
+    train: List[Datum],
+    val: Optional[List[Datum]],
+) -> Tuple[List[Datum], Optional[List[Datum]]]:
+    num_shots = cfg.DATASET.NUM_SHOTS
+    dataset_dir = dataset.dataset_dir
     train_fs = dataset.generate_fewshot_dataset(train, num_shots=num_shots)
     val_fs = None
     if val is not None:
@@ -383,9 +455,11 @@ def load_or_create_fewshot(
 
 
 def _load_fewshot(
-    path: str, num_shots: int, seed: int, source: str, dataset_dir: str
+    path: str, num_shots: int, seed: int, source: str, dataset_dir: str, quiet: bool = False
 ) -> Optional[Tuple[List[Datum], Optional[List[Datum]]]]:
-    """The cached subsets, or ``None`` (with a warning) when the cache must be rebuilt."""
+    """The cached subsets, or ``None`` (with a warning unless ``quiet``) when the cache must
+    be rebuilt."""
+    warn = (lambda *a: None) if quiet else logger.warning
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -396,18 +470,16 @@ def _load_fewshot(
         if data.get("num_shots") != num_shots or data.get("seed") != seed:
             raise ValueError("it was made for another number of shots or seed")
     except (OSError, ValueError) as e:
-        logger.warning("Ignoring the few-shot cache %s (%s); rebuilding it", path, e)
+        warn("Ignoring the few-shot cache %s (%s); rebuilding it", path, e)
         return None
     if data.get("source") != source:
-        logger.warning(
-            "The split changed since the few-shot cache %s was made; rebuilding it", path
-        )
+        warn("The split changed since the few-shot cache %s was made; rebuilding it", path)
         return None
     try:
         train = _from_records(data["train"], dataset_dir)
         val = _from_records(data.get("val"), dataset_dir)
     except (KeyError, TypeError, ValueError, OSError) as e:
-        logger.warning("Ignoring the few-shot cache %s (%s); rebuilding it", path, e)
+        warn("Ignoring the few-shot cache %s (%s); rebuilding it", path, e)
         return None
     return train, val
 
@@ -446,11 +518,35 @@ class SplitDataset(DatasetBase):
                 f"(see DATASETS.md for how to download and arrange it)"
             )
 
-        train, val, test = self._load_split(cfg)
-        train, val = load_or_create_fewshot(self, cfg, train, val)
+        with self._generation_lock(cfg):
+            # held while this run generates the split (and then the few-shot subsets drawn
+            # right after it), so a concurrent run reads both instead of drawing its own
+            train, val, test = self._load_split(cfg)
+            train, val = load_or_create_fewshot(self, cfg, train, val)
         subsample = cfg.DATASET.get("SUBSAMPLE_CLASSES", "all")
         train, val, test = self.subsample_classes(train, val, test, subsample=subsample)
         super().__init__(train_x=train, val=val, test=test)
+
+    def _split_target(self) -> Optional[str]:
+        """Where a generated split would be written, or ``None`` when a split file exists
+        (or this dataset has none)."""
+        split_file = type(self).split_file
+        if not split_file or os.path.isfile(self.split_path):
+            return None
+        cached_split = os.path.join(self.cache_root, split_file)
+        if self.cache_root != self.dataset_dir:
+            return None if os.path.isfile(cached_split) else cached_split
+        return self.split_path
+
+    def _generation_lock(self, cfg: Any) -> Any:
+        """A lock on the split file when this run must generate it, else a no-op."""
+        if type(self)._load_split is not SplitDataset._load_split:
+            return contextlib.nullcontext()  # the dataset reads its own lists
+        target = self._split_target()
+        if target is None:
+            return contextlib.nullcontext()
+        _require_writable(os.path.dirname(target), cfg, "generated split file")
+        return file_lock(target)
 
     def _load_split(self, cfg: Any) -> Split:
         cached_split = os.path.join(self.cache_root, type(self).split_file)
@@ -460,10 +556,13 @@ class SplitDataset(DatasetBase):
             return read_split(cached_split, self.image_dir)
         target = cached_split if self.cache_root != self.dataset_dir else self.split_path
         _require_writable(os.path.dirname(target), cfg, "generated split file")
+        remove_stale_temp_files(os.path.dirname(target), os.path.basename(target))
         train, val, test = self.build_split()
         try:
             save_split(train, val, test, target, self.image_dir)
         except WriteError as e:
+            if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise
             raise NotWritableError(
                 f"{e}. Set DATASET.CACHE_DIR to a writable folder for the generated split file"
             ) from None

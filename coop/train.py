@@ -8,18 +8,27 @@
 Config merge order: defaults -> dataset YAML -> method YAML -> command-line arguments ->
 trailing opts -> freeze. One deliberate difference from the original: ``--seed 0`` seeds the
 run with 0 (the original silently ignored it and ran unseeded).
+
+Bad input stops the run before any model is loaded where it can be known then (config
+values and combinations, the output folder, ``--model-dir`` files and their context shape,
+the dataset folder), and later with a message that names the file, epoch or batch. Every
+such error prints exactly one line ``coop-train: error: ...`` to stderr (also recorded in
+the run's log file) and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
+import os
+import re
 import sys
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 
-from coop.config import ConfigError, get_cfg_default, merge_from_file, merge_from_list
+from coop.config import get_cfg_default, merge_from_file, merge_from_list
 from coop.utils import collect_env_info, set_random_seed, setup_logger
 
 logger = logging.getLogger("coop.train")
@@ -106,14 +115,104 @@ def setup_cfg(args: argparse.Namespace):
     return cfg
 
 
+def prepare_output_dir(path: str) -> None:
+    """Create the output folder, or fail with one clear message (a file in the way, no
+    permission, ...)."""
+    from coop.io import WriteError, remove_stale_temp_files
+
+    if not path or path.endswith((".txt", ".log")):  # setup_logger: a log file path
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError as e:
+        raise WriteError(
+            e.errno, f"Cannot create the output folder {path}: a file with that name exists"
+        ) from None
+    except OSError as e:
+        detail = e.strerror or str(e)
+        if isinstance(e, NotADirectoryError):
+            detail += " (a part of the path is a regular file)"
+        raise WriteError(e.errno, f"Cannot create the output folder {path}: {detail}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WriteError(13, f"Cannot write into the output folder {path}: permission denied")
+    remove_stale_temp_files(path)  # e.g. a results.json write that a kill interrupted
+
+
+def _epoch_of(fname: str) -> int:
+    m = re.search(r"-(\d+)$", fname)
+    return int(m.group(1)) if m else -1
+
+
+def check_model_dir(model_dir: str, load_epoch: Optional[int]) -> List[str]:
+    """For ``--eval-only --model-dir``: the checkpoint files to load
+    (``<model_dir>/<model name>/model-best.pth.tar`` or ``model.pth.tar-<load_epoch>``).
+
+    Raises ``FileNotFoundError`` naming the folder and the files that are there."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"--model-dir {model_dir} does not exist or is not a folder")
+    model_file = "model-best.pth.tar" if load_epoch is None else f"model.pth.tar-{load_epoch}"
+    found = sorted(glob.glob(os.path.join(glob.escape(model_dir), "*", model_file)))
+    if found:
+        return found
+    available = [
+        os.path.relpath(p, model_dir)
+        for pattern in ("model.pth.tar-*", "model-best.pth.tar")
+        for p in glob.glob(os.path.join(glob.escape(model_dir), "*", pattern))
+    ]
+    available.sort(key=lambda p: (os.path.dirname(p), _epoch_of(p), p))
+    listed = ", ".join(available) if available else "no checkpoint files at all"
+    hint = "" if load_epoch is not None else " (pass --load-epoch N to load model.pth.tar-N)"
+    raise FileNotFoundError(
+        f"No checkpoint {model_file} in --model-dir {model_dir} (looked for "
+        f"{os.path.join(model_dir, '<model name>', model_file)}); available: {listed}{hint}"
+    )
+
+
+def check_context_shape(trainer: Any, paths: List[str]) -> None:
+    """Peek at the checkpoints' learned context before the model is built (before CLIP is
+    loaded): its shape must fit the class count, the number of context tokens, CSC and (for
+    a named backbone) the text width. Trainers without a context node are not checked."""
+    import torch
+
+    from coop.io import CheckpointError, load_checkpoint
+    from coop.validation import BACKBONE_CTX_DIM
+
+    cfg = trainer.cfg
+    node_name = str(cfg.TRAINER.NAME).upper()
+    node = cfg.TRAINER.get(node_name)
+    if node is None or "N_CTX" not in node or "CTX_INIT" not in node:
+        return
+    ctx_init = str(node.CTX_INIT).replace("_", " ")
+    n_ctx = len(ctx_init.split(" ")) if ctx_init else int(node.N_CTX)
+    csc = bool(node.get("CSC", False))
+    n_cls = int(trainer.num_classes)
+    backbone = cfg.MODEL.BACKBONE.NAME
+    for path in paths:
+        ctx = load_checkpoint(path)["state_dict"].get("ctx")
+        if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
+            continue
+        dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
+        expected = (n_cls, n_ctx, dim) if csc else (n_ctx, dim)
+        got = tuple(ctx.shape)
+        if got == expected or (csc and got == expected[1:]):  # a generic context fits CSC
+            continue
+        raise CheckpointError(
+            f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
+            f"but {expected} here ({n_cls} classes, N_CTX {n_ctx}, CSC {csc}, backbone "
+            f"{backbone})"
+        )
+
+
 def run(args: argparse.Namespace):
     """Build the trainer from ``args`` and run it; returns the trainer."""
+    from coop.engine import checks_before_build_model
     from coop.registry import build_trainer
 
     cfg = setup_cfg(args)
     if cfg.SEED >= 0:
         print(f"Setting fixed seed: {cfg.SEED}")
         set_random_seed(cfg.SEED)
+    prepare_output_dir(cfg.OUTPUT_DIR)
     setup_logger(cfg.OUTPUT_DIR)
 
     if torch.cuda.is_available() and cfg.USE_CUDA:
@@ -131,7 +230,12 @@ def run(args: argparse.Namespace):
     logger.info("Collecting env info ...")
     logger.info(f"** System info **\n{collect_env_info()}\n")
 
-    trainer = build_trainer(cfg)
+    checks = []
+    if args.eval_only and args.model_dir:
+        paths = check_model_dir(args.model_dir, args.load_epoch)
+        checks.append(lambda trainer: check_context_shape(trainer, paths))
+    with checks_before_build_model(*checks):
+        trainer = build_trainer(cfg)
     if args.eval_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
         trainer.test()
@@ -145,17 +249,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
-        from coop.validation import is_user_error
+    except Exception as e:
+        from coop.validation import is_user_error, user_message
 
         if not is_user_error(e):
             raise
+        msg = user_message(e)
         log = logging.getLogger("coop")
         if log.handlers:  # a run's log file is open: record why it stopped
             for h in log.handlers:
                 if isinstance(h, logging.FileHandler):
-                    h.emit(logging.makeLogRecord({"msg": f"Error: {e}", "levelno": logging.ERROR}))
-        print(f"coop-train: error: {e}", file=sys.stderr)
+                    h.emit(
+                        logging.makeLogRecord({"msg": f"Error: {msg}", "levelno": logging.ERROR})
+                    )
+        print(f"coop-train: error: {msg}", file=sys.stderr)
         return 2
     return 0
 

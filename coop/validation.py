@@ -14,11 +14,35 @@ _CHOICES = {
     "OPTIM.WARMUP_TYPE": ("linear", "constant"),
     "INPUT.INTERPOLATION": ("bilinear", "bicubic", "nearest"),
     "DATASET.SUBSAMPLE_CLASSES": ("all", "base", "new"),
-    "TRAINER.COOP.PREC": ("fp16", "fp32", "amp"),
+    "TRAINER.COOP.PREC": ("fp16", "fp32", "amp", "bf16"),
     "TRAINER.COOP.CLASS_TOKEN_POSITION": ("end", "middle", "front"),
     "TRAINER.COCOOP.PREC": ("fp16", "fp32", "amp"),
     "DATALOADER.TRAIN_X.SAMPLER": ("RandomSampler", "SequentialSampler"),
     "DATALOADER.TEST.SAMPLER": ("RandomSampler", "SequentialSampler"),
+}
+
+# Input resolution and text width (the context vectors' dimension) of OpenAI's CLIP models.
+BACKBONE_RESOLUTION = {
+    "RN50": 224,
+    "RN101": 224,
+    "RN50x4": 288,
+    "RN50x16": 384,
+    "RN50x64": 448,
+    "ViT-B/32": 224,
+    "ViT-B/16": 224,
+    "ViT-L/14": 224,
+    "ViT-L/14@336px": 336,
+}
+BACKBONE_CTX_DIM = {
+    "RN50": 512,
+    "RN101": 512,
+    "RN50x4": 640,
+    "RN50x16": 768,
+    "RN50x64": 1024,
+    "ViT-B/32": 512,
+    "ViT-B/16": 512,
+    "ViT-L/14": 768,
+    "ViT-L/14@336px": 768,
 }
 
 _TRANSFORMS = (
@@ -64,6 +88,14 @@ def validate_cfg(cfg: Any) -> None:
     size = tuple(cfg.INPUT.SIZE)
     if len(size) != 2 or any((not isinstance(s, int)) or s <= 0 for s in size):
         raise ConfigError(f"INPUT.SIZE must be two positive integers, got {cfg.INPUT.SIZE!r}")
+    # a named backbone's resolution is known before anything is downloaded; for a checkpoint
+    # file the model checks it when it is built
+    res = BACKBONE_RESOLUTION.get(cfg.MODEL.BACKBONE.NAME)
+    if res is not None and size != (res, res):
+        raise ConfigError(
+            f"INPUT.SIZE {size} does not match the input resolution {res} of the CLIP "
+            f"backbone '{cfg.MODEL.BACKBONE.NAME}'; set INPUT.SIZE ({res}, {res})"
+        )
     for name in cfg.INPUT.TRANSFORMS:
         if name not in _TRANSFORMS:
             raise ConfigError(
@@ -82,12 +114,40 @@ def validate_cfg(cfg: Any) -> None:
         raise ConfigError(f"OPTIM.LR must be positive, got {cfg.OPTIM.LR}")
     if cfg.TRAINER.COOP.N_CTX < 1 and not cfg.TRAINER.COOP.CTX_INIT:
         raise ConfigError(f"TRAINER.COOP.N_CTX must be at least 1, got {cfg.TRAINER.COOP.N_CTX}")
+    if cfg.FAST.TRAIN_FEATURE_CACHE and cfg.DATALOADER.SKIP_UNREADABLE:
+        raise ConfigError(
+            "FAST.TRAIN_FEATURE_CACHE cannot be combined with DATALOADER.SKIP_UNREADABLE "
+            "(the cached views need every training image); turn one of them off"
+        )
+    if cfg.FAST.TEXT not in ("auto", "truncate", "plain"):
+        raise ConfigError(
+            f"FAST.TEXT must be one of ['auto', 'truncate', 'plain'], got {cfg.FAST.TEXT!r}"
+        )
+    if cfg.FAST.TRAIN_CACHE_VIEWS < 1:
+        raise ConfigError(
+            f"FAST.TRAIN_CACHE_VIEWS must be at least 1, got {cfg.FAST.TRAIN_CACHE_VIEWS}"
+        )
+    if cfg.FAST.CLASS_CHUNK < 0:
+        raise ConfigError(f"FAST.CLASS_CHUNK must be >= 0, got {cfg.FAST.CLASS_CHUNK}")
     if cfg.TRAIN.PRINT_FREQ < 1:
         raise ConfigError("TRAIN.PRINT_FREQ must be at least 1")
 
 
+def _names_config_key(message: str) -> bool:
+    """Whether ``message`` names a config key (e.g. ``INPUT.SIZE``): such an error tells the
+    user which setting to change."""
+    import re
+
+    from coop.config import all_keys, get_cfg_default
+
+    keys = set(all_keys(get_cfg_default()))
+    return any(k in keys for k in re.findall(r"\b[A-Z][A-Z0-9_]*(?:\.[A-Z][A-Z0-9_]*)+\b", message))
+
+
 def is_user_error(exc: BaseException) -> bool:
-    """True for errors caused by the user's input (reported in one line, no traceback)."""
+    """True for errors caused by the user's input (reported in one line, no traceback):
+    this package's own error classes, missing files and permissions, and plain
+    ``ValueError``s whose message names the config key to change."""
     from coop.io import CheckpointError, WriteError
     from coop.registry import RegistryError
 
@@ -96,4 +156,20 @@ def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError)):
         return True
     mod = type(exc).__module__ or ""
-    return mod.startswith("coop")
+    if mod.startswith("coop"):
+        return True
+    return type(exc) is ValueError and _names_config_key(str(exc))
+
+
+def user_message(exc: BaseException) -> str:
+    """The error's message on one line. An error re-raised from a DataLoader worker carries
+    the worker's traceback: only its last line (the original message) is kept."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        last = lines[-1] if lines else text
+        head, sep, rest = last.partition(": ")
+        if sep and head.replace(".", "").replace("_", "").isalnum():
+            last = rest  # drop "package.module.ErrorClass: "
+        return last
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())

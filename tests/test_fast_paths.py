@@ -211,3 +211,17 @@ def test_training_feature_cache_is_opt_in_and_deterministic(data_root, learnable
     zs = str(tmp_path / "zs")
     assert main(zeroshot_argv(data_root, zs, learnable_clip)) == 0
     assert read_results(outs[0])["metrics"]["accuracy"] > read_results(zs)["metrics"]["accuracy"]
+
+
+def test_bf16_precision_trains_close_to_fp32(data_root, learnable_clip, tmp_path):
+    res = {}
+    for prec in ("fp32", "bf16"):
+        out = str(tmp_path / prec)
+        argv = coop_argv(data_root, out, learnable_clip, 1, 4, "OPTIM.MAX_EPOCH", "2")
+        argv[argv.index("TRAINER.COOP.PREC") + 1] = prec
+        assert main(argv) == 0
+        res[prec] = read_results(out)
+        ckpt = torch.load(os.path.join(out, "prompt_learner", "model.pth.tar-2"), weights_only=True)
+        assert ckpt["state_dict"]["ctx"].dtype == torch.float32  # fp32 master weights
+    assert res["bf16"]["config"]["TRAINER"]["COOP"]["PREC"] == "bf16"
+    assert abs(res["bf16"]["metrics"]["accuracy"] - res["fp32"]["metrics"]["accuracy"]) <= 15.0

@@ -29,7 +29,7 @@ from coop.registry import TRAINER_REGISTRY
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "fp32", "amp")
+PRECISIONS = ("fp16", "fp32", "amp", "bf16")
 POSITIONS = ("end", "middle", "front")
 
 
@@ -246,7 +246,7 @@ class CoOp(CLIPTrainer):
         prec = cfg.TRAINER.COOP.PREC
 
         clip_model = load_clip_for(cfg)
-        if prec in ("fp32", "amp"):
+        if prec in ("fp32", "amp", "bf16"):
             clip_model.float()
         elif self.device.type == "cpu":
             logger.warning(
@@ -275,6 +275,8 @@ class CoOp(CLIPTrainer):
             logger.warning("PREC amp needs CUDA; on this device it trains exactly like fp32")
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
         self.use_amp = use_amp
+        # bf16 (our option): fp32 weights, bf16 autocast in training and evaluation
+        self.use_bf16 = prec == "bf16"
 
     def load_pretrained_prompt(self, path: str) -> None:
         """MODEL.INIT_WEIGHTS: copy the keys whose name and shape match."""
@@ -290,14 +292,26 @@ class CoOp(CLIPTrainer):
         self.model.prompt_learner.load_state_dict(matched, strict=False)
         logger.info(f"Initialized the prompt learner from {path}: {sorted(matched)}")
 
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
+        with self.autocast():
+            return self.model.encode_image(images)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(features)
+        with self.autocast():
+            return self.model.logits(features)
+
+    def model_inference(self, input: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(input)
 
     def clip_dtype(self) -> torch.dtype:
-        return self.model.dtype
+        """The precision the image features are computed in (part of the cache key)."""
+        return torch.bfloat16 if self.use_bf16 else self.model.dtype
 
     def forward_backward(self, batch) -> Dict[str, float]:
         image, label = self.parse_batch_train(batch)
@@ -313,8 +327,9 @@ class CoOp(CLIPTrainer):
             self.scaler.step(self.optim)
             self.scaler.update()
         else:
-            output = logits_fn()
-            loss = F.cross_entropy(output, label)
+            with self.autocast():
+                output = logits_fn()
+                loss = F.cross_entropy(output, label)
             self.model_backward_and_update(loss)
 
         loss_summary = {
