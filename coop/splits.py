@@ -574,3 +574,34 @@ class SplitDataset(DatasetBase):
             f"{type(self).__name__}: the split file {self.split_path} is missing and this "
             f"dataset cannot generate one; download it (see DATASETS.md)"
         )
+
+    # helpers for build_split: the raw annotation files a split is generated from
+
+    def require_annotation(self, path: str) -> str:
+        """``path`` if it exists, else a clear error: the split file is missing and so is
+        this file, which generating a split needs."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{type(self).__name__}: the split file {self.split_path} is missing, and so "
+                f"is {path}, which is needed to generate a split; download "
+                f"{type(self).split_file} into {self.dataset_dir} (see DATASETS.md)"
+            )
+        return path
+
+    def annotation_lines(self, path: str) -> List[str]:
+        """The stripped, non-empty lines of an annotation file."""
+        with open(self.require_annotation(path), encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+
+    def load_mat(self, path: str) -> Dict[str, Any]:
+        """``scipy.io.loadmat`` of an annotation file (scipy is needed only here)."""
+        self.require_annotation(path)
+        try:
+            from scipy.io import loadmat
+        except ImportError as e:
+            raise ImportError(
+                f"{type(self).__name__}: generating the split from {os.path.basename(path)} "
+                f"needs scipy (pip install scipy). It is needed only to generate the split: "
+                f"with {type(self).split_file} in place, no scipy is required"
+            ) from e
+        return loadmat(path)

@@ -23,27 +23,6 @@ __all__ = ["OxfordFlowers"]
 logger = logging.getLogger(__name__)
 
 
-def _require_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"OxfordFlowers: {path} is missing. Without split_zhou_OxfordFlowers.json the "
-            f"split is generated from imagelabels.mat and cat_to_name.json; download them or "
-            f"the split file (see DATASETS.md)"
-        )
-
-
-def _load_labels(label_file: str) -> List[int]:
-    try:
-        from scipy.io import loadmat
-    except ImportError as e:
-        raise ImportError(
-            "OxfordFlowers: generating the split from imagelabels.mat needs scipy "
-            "(pip install scipy). It is needed only to generate the split: with "
-            "split_zhou_OxfordFlowers.json in place, no scipy is required"
-        ) from e
-    return [int(v) for v in loadmat(label_file)["labels"][0]]
-
-
 @DATASET_REGISTRY.register()
 class OxfordFlowers(SplitDataset):
     dataset_dir = "oxford_flowers"
@@ -53,14 +32,13 @@ class OxfordFlowers(SplitDataset):
     def build_split(self, p_trn: float = 0.5, p_val: float = 0.2):
         label_file = os.path.join(self.dataset_dir, "imagelabels.mat")
         cname_file = os.path.join(self.dataset_dir, "cat_to_name.json")
-        _require_file(label_file)
-        _require_file(cname_file)
-        with open(cname_file, encoding="utf-8") as f:
+        labels = [int(v) for v in self.load_mat(label_file)["labels"][0]]
+        with open(self.require_annotation(cname_file), encoding="utf-8") as f:
             lab2cname: Dict[str, str] = json.load(f)
 
         # group the image paths by mat value, in order of first appearance
         groups: Dict[int, List[str]] = {}
-        for i, value in enumerate(_load_labels(label_file)):
+        for i, value in enumerate(labels):
             impath = os.path.join(self.image_dir, f"image_{i + 1:05d}.jpg")
             groups.setdefault(value, []).append(impath)
 

@@ -9,7 +9,7 @@ class and ``cars_test_annos_withlabels.mat`` (images in ``cars_test/``) is the t
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List
+from typing import Any, List
 
 from coop.data import Datum
 from coop.registry import DATASET_REGISTRY
@@ -25,27 +25,6 @@ def year_first(classname: str) -> str:
     return " ".join([words[-1], *words[:-1]])
 
 
-def _loadmat() -> Callable[..., Any]:
-    try:
-        from scipy.io import loadmat
-    except ImportError as e:
-        raise ImportError(
-            "StanfordCars: generating the split from the .mat annotations needs scipy "
-            "(pip install scipy). It is needed only to generate the split: with "
-            "split_zhou_StanfordCars.json in place, no scipy is required"
-        ) from e
-    return loadmat
-
-
-def _require_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"StanfordCars: {path} is missing. Without split_zhou_StanfordCars.json the split "
-            f"is generated from devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat "
-            f"and devkit/cars_meta.mat; download them or the split file (see DATASETS.md)"
-        )
-
-
 @DATASET_REGISTRY.register()
 class StanfordCars(SplitDataset):
     dataset_dir = "stanford_cars"
@@ -58,21 +37,18 @@ class StanfordCars(SplitDataset):
         test_annos = os.path.join(self.dataset_dir, "cars_test_annos_withlabels.mat")
         meta_file = os.path.join(devkit, "cars_meta.mat")
         for path in (train_annos, test_annos, meta_file):
-            _require_file(path)
-        loadmat = _loadmat()
-        class_names = loadmat(meta_file)["class_names"][0]
-        trainval = self._read_annos(loadmat, "cars_train", train_annos, class_names)
-        test = self._read_annos(loadmat, "cars_test", test_annos, class_names)
+            self.require_annotation(path)
+        class_names = self.load_mat(meta_file)["class_names"][0]
+        trainval = self._read_annos("cars_train", train_annos, class_names)
+        test = self._read_annos("cars_test", test_annos, class_names)
         train, val = split_trainval(trainval, p_val=0.2)
         return train, val, test
 
-    def _read_annos(
-        self, loadmat: Callable[..., Any], folder: str, anno_file: str, class_names: Any
-    ) -> List[Datum]:
+    def _read_annos(self, folder: str, anno_file: str, class_names: Any) -> List[Datum]:
         """One Datum per record of ``anno_file`` (``fname[0]``, ``class[0, 0]`` 1-based)."""
         image_dir = os.path.join(self.dataset_dir, folder)
         items: List[Datum] = []
-        for record in loadmat(anno_file)["annotations"][0]:
+        for record in self.load_mat(anno_file)["annotations"][0]:
             imname = str(record["fname"][0])
             label = int(record["class"][0, 0]) - 1
             if not 0 <= label < len(class_names):

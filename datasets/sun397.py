@@ -28,15 +28,7 @@ class SUN397(SplitDataset):
     split_file = "split_zhou_SUN397.json"
 
     def _lines(self, name: str) -> List[str]:
-        path = os.path.join(self.dataset_dir, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"SUN397: the split file {self.split_path} is missing, and so is {path}, which "
-                f"is needed to build a split; download split_zhou_SUN397.json (or "
-                f"Partitions.zip) into {self.dataset_dir} (see DATASETS.md)"
-            )
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        return self.annotation_lines(os.path.join(self.dataset_dir, name))
 
     def build_split(self):
         categories = [

@@ -30,15 +30,7 @@ class UCF101(SplitDataset):
     split_file = "split_zhou_UCF101.json"
 
     def _lines(self, name: str) -> List[str]:
-        path = os.path.join(self.dataset_dir, "ucfTrainTestlist", name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"UCF101: the split file {self.split_path} is missing, and so is {path}, which "
-                f"is needed to build a split; download split_zhou_UCF101.json into "
-                f"{self.dataset_dir} (see DATASETS.md)"
-            )
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        return self.annotation_lines(os.path.join(self.dataset_dir, "ucfTrainTestlist", name))
 
     def build_split(self):
         cname2lab: Dict[str, int] = {}
