@@ -474,11 +474,14 @@ def build_data_loader(
     if cfg.DATALOADER.get("SKIP_UNREADABLE", False):
         extra["collate_fn"] = skip_unreadable_collate
     sampler = _build_sampler(sampler_type, wrapper)
+    num_workers = resolve_num_workers(cfg.DATALOADER.NUM_WORKERS)
+    if num_workers > 0 and cfg.FAST.PERSISTENT_WORKERS:
+        extra["persistent_workers"] = True
     loader = torch.utils.data.DataLoader(
         wrapper,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        num_workers=num_workers,
         drop_last=is_train and len(data_source) >= batch_size,
         pin_memory=torch.cuda.is_available() and cfg.USE_CUDA,
         **extra,
@@ -488,6 +491,21 @@ def build_data_loader(
             f"The data loader has no batch ({len(data_source)} images, batch size {batch_size})"
         )
     return loader
+
+
+def resolve_num_workers(value: int) -> int:
+    """``DATALOADER.NUM_WORKERS``; -1 (our option) means one per CPU core, at most 8."""
+    if value >= 0:
+        return value
+    return max(
+        1,
+        min(
+            8,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1),
+        ),
+    )
 
 
 def _format_table(rows: List[Tuple[str, str]]) -> str:

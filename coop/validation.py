@@ -106,8 +106,10 @@ def validate_cfg(cfg: Any) -> None:
             raise ConfigError(f"{key} must have 3 values (RGB), got {_get(cfg, key)!r}")
     if cfg.DATALOADER.TRAIN_X.BATCH_SIZE < 1 or cfg.DATALOADER.TEST.BATCH_SIZE < 1:
         raise ConfigError("DATALOADER.*.BATCH_SIZE must be at least 1")
-    if cfg.DATALOADER.NUM_WORKERS < 0:
-        raise ConfigError("DATALOADER.NUM_WORKERS must be >= 0")
+    if cfg.DATALOADER.NUM_WORKERS < -1:
+        raise ConfigError(
+            "DATALOADER.NUM_WORKERS must be >= 0, or -1 for one worker per CPU core (at most 8)"
+        )
     if cfg.OPTIM.MAX_EPOCH < 1:
         raise ConfigError(f"OPTIM.MAX_EPOCH must be at least 1, got {cfg.OPTIM.MAX_EPOCH}")
     if cfg.OPTIM.LR <= 0:

@@ -225,3 +225,28 @@ def test_bf16_precision_trains_close_to_fp32(data_root, learnable_clip, tmp_path
         assert ckpt["state_dict"]["ctx"].dtype == torch.float32  # fp32 master weights
     assert res["bf16"]["config"]["TRAINER"]["COOP"]["PREC"] == "bf16"
     assert abs(res["bf16"]["metrics"]["accuracy"] - res["fp32"]["metrics"]["accuracy"]) <= 15.0
+
+
+def test_worker_count_from_the_machine_and_persistent_workers(data_root, tiny_vit, tmp_path):
+    from coop.data import DataManager, resolve_num_workers
+
+    assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0
+    auto = resolve_num_workers(-1)
+    assert 1 <= auto <= min(8, os.cpu_count() or 1)
+
+    cfg = get_cfg_default()
+    cfg.DATASET.NAME, cfg.DATASET.ROOT, cfg.DATASET.NUM_SHOTS = "Caltech101", data_root, 2
+    cfg.INPUT.SIZE = (32, 32)
+    cfg.DATALOADER.NUM_WORKERS = -1
+    dm = DataManager(cfg)
+    assert dm.train_loader_x.num_workers == auto
+    assert dm.train_loader_x.persistent_workers is False  # the original's behaviour
+    cfg.FAST.PERSISTENT_WORKERS = True
+    dm = DataManager(cfg)
+    assert dm.train_loader_x.persistent_workers is True
+
+    out = str(tmp_path / "w")
+    argv = coop_argv(data_root, out, tiny_vit, 1, 2, "OPTIM.MAX_EPOCH", "2")
+    argv[argv.index("DATALOADER.NUM_WORKERS") + 1] = "2"
+    assert main([*argv, "FAST.PERSISTENT_WORKERS", "True"]) == 0
+    assert read_results(out)["total"] == 60
