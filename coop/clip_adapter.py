@@ -470,36 +470,45 @@ def _qkv(block: nn.Module, x: torch.Tensor):
 
 def encode_prefix(
     transformer: nn.Module, x_p: torch.Tensor
-) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Run the text transformer on a shared prefix (1, P, D) under the causal mask; return
-    its output and each layer's (key, value) projections, (1, P, D) each."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (key, value) projections, (1, P, D) each, of a shared prefix (1, P, D)
+    under the causal mask. (The prefix's own output after the last layer is never needed.)"""
     p = x_p.shape[1]
     mask = torch.ones(p, p, dtype=torch.bool, device=x_p.device).tril()
     kvs = []
-    for block in transformer.resblocks:
+    blocks = list(transformer.resblocks)
+    for i, block in enumerate(blocks):
         q, k, v = _qkv(block, x_p)
         kvs.append((k, v))
-        x_p = x_p + _block_attention(block, q, k, v, mask)
-        x_p = x_p + block.mlp(block.ln_2(x_p))
-    return x_p, kvs
+        if i + 1 < len(blocks):
+            x_p = x_p + _block_attention(block, q, k, v, mask)
+            x_p = x_p + block.mlp(block.ln_2(x_p))
+    return kvs
 
 
 def encode_suffix(
     transformer: nn.Module, x_s: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
-    """Run the text transformer on per-class suffixes (n, S, D) that follow a shared prefix
-    whose per-layer keys/values are ``kvs``; causal within the suffix, full on the prefix."""
-    n, s, _ = x_s.shape
+    """The last position's output, (n, D), of per-class suffixes (n, S, D) that follow a
+    shared prefix whose per-layer keys/values are ``kvs``; causal within the suffix, full on
+    the prefix. In the last layer only the last position is computed beyond its key/value."""
+    n, s, d = x_s.shape
     p = kvs[0][0].shape[1]
     mask = torch.ones(s, p + s, dtype=torch.bool, device=x_s.device)
     mask[:, p:] = torch.ones(s, s, dtype=torch.bool, device=x_s.device).tril()
-    for block, (k_p, v_p) in zip(transformer.resblocks, kvs):
-        q, k, v = _qkv(block, x_s)
+    blocks = list(transformer.resblocks)
+    for i, (block, (k_p, v_p)) in enumerate(zip(blocks, kvs)):
+        h = block.ln_1(x_s)
+        w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+        k, v = F.linear(h, w[d:], b[d:]).chunk(2, dim=-1)
         k = torch.cat([k_p.expand(n, -1, -1), k], dim=1)
         v = torch.cat([v_p.expand(n, -1, -1), v], dim=1)
+        if i + 1 == len(blocks):  # only the last position's output is used
+            x_s, h, mask = x_s[:, -1:], h[:, -1:], mask[-1:]
+        q = F.linear(h, w[:d], b[:d])
         x_s = x_s + _block_attention(block, q, k, v, mask)
         x_s = x_s + block.mlp(block.ln_2(x_s))
-    return x_s
+    return x_s[:, -1]
 
 
 class SharedPrefixTextEncoder(TextEncoder):
@@ -528,29 +537,37 @@ class SharedPrefixTextEncoder(TextEncoder):
         eot = tokenized_prompts.argmax(dim=-1)  # (n,)
         if int(eot.min()) < p:
             raise ValueError("an end-of-text token lies inside the shared prefix")
-        s = int(eot.max()) + 1 - p
         x_p = (prefix + pos[:p]).unsqueeze(0)
-        _, kvs = encode_prefix(self.transformer, x_p)
-        x_s = suffix[:, :s] + pos[p : p + s]
-        n = x_s.shape[0]
-        chunk = self.class_chunk
-        if chunk and n > chunk and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
+        kvs = encode_prefix(self.transformer, x_p)
+        flat = [t for kv in kvs for t in kv]
+        checkpointing = bool(self.class_chunk) and torch.is_grad_enabled()
 
-            flat = [t for kv in kvs for t in kv]
+        def run(xs: torch.Tensor, *flat_kvs: torch.Tensor) -> torch.Tensor:
+            # (g, L, D) suffixes of one length L -> (g, embed_dim) features at their EOT
+            pairs = list(zip(flat_kvs[0::2], flat_kvs[1::2]))
+            h = encode_suffix(self.transformer, xs, pairs)
+            return self.ln_final(h).type(self.dtype) @ self.text_projection
 
-            def run(xs: torch.Tensor, *flat_kvs: torch.Tensor) -> torch.Tensor:
-                pairs = list(zip(flat_kvs[0::2], flat_kvs[1::2]))
-                return self._head(encode_suffix(self.transformer, xs, pairs))
+        # classes grouped by length, so each runs only up to its own end-of-text token
+        lengths = eot - p + 1
+        order = torch.argsort(lengths, stable=True)
+        sorted_lengths = lengths[order].tolist()
+        outs = []
+        start = 0
+        while start < len(sorted_lengths):
+            length = sorted_lengths[start]
+            stop = start
+            while stop < len(sorted_lengths) and sorted_lengths[stop] == length:
+                stop += 1
+            step = self.class_chunk if checkpointing else stop - start
+            for a in range(start, stop, step):
+                idx = order[a : min(a + step, stop)]
+                xs = suffix[idx, :length] + pos[p : p + length]
+                if checkpointing and len(sorted_lengths) > self.class_chunk:
+                    from torch.utils.checkpoint import checkpoint
 
-            outs = [
-                checkpoint(run, x_s[i : i + chunk], *flat, use_reentrant=False)
-                for i in range(0, n, chunk)
-            ]
-            x = torch.cat(outs)
-        else:
-            x = self._head(encode_suffix(self.transformer, x_s, kvs))
-        return x[torch.arange(n, device=x.device), eot - p] @ self.text_projection
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_final(x).type(self.dtype)
+                    outs.append(checkpoint(run, xs, *flat, use_reentrant=False))
+                else:
+                    outs.append(run(xs, *flat))
+            start = stop
+        return torch.cat(outs)[torch.argsort(order)]

@@ -114,7 +114,7 @@ class CLIPTrainer(TrainerX):
     def _build_train_cache(self) -> None:
         """Features of ``TRAIN_CACHE_VIEWS`` augmented views of every training image,
         (V, N, E), drawn in a private random stream so the run's own stream is untouched."""
-        from coop.data import DatasetWrapper
+        from coop.data import DatasetWrapper, resolve_num_workers
 
         views = self.cfg.FAST.TRAIN_CACHE_VIEWS
         if views < 1:
@@ -131,7 +131,11 @@ class CLIPTrainer(TrainerX):
             torch.manual_seed(seed)
             for _ in tqdm(range(views), desc="training feature cache", leave=False):
                 loader = torch.utils.data.DataLoader(
-                    wrapper, batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False
+                    wrapper,
+                    batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE,
+                    shuffle=False,
+                    num_workers=resolve_num_workers(self.cfg.DATALOADER.NUM_WORKERS),
+                    pin_memory=self.device.type == "cuda",
                 )
                 view = [self.image_features(b["img"].to(self.device)) for b in loader]
                 feats.append(torch.cat(view))

@@ -168,9 +168,10 @@ def _coop_dassl_additions(cfg: CN) -> None:
     # text side: "auto" (shared-prefix encoding where the prompts share their context,
     # else truncation at the last end-of-text token), "truncate" or "plain"
     cfg.FAST.TEXT = "auto"
-    # > 0: run the text encoder over chunks of this many classes with activation
-    # checkpointing when there are more classes (bounds memory for 1000 classes)
-    cfg.FAST.CLASS_CHUNK = 256
+    # > 0: with more classes than this, run the text encoder over chunks of this many
+    # classes with activation checkpointing (bounds training memory for very many classes;
+    # the shared-prefix path already needs a fraction of the plain path's memory at 1000)
+    cfg.FAST.CLASS_CHUNK = 1024
     # cache the frozen image features of evaluation splits on disk, reused by every run,
     # seed and method that evaluates the same split with the same backbone and transform
     cfg.FAST.EVAL_FEATURE_CACHE = True

@@ -1,0 +1,1133 @@
+#!/usr/bin/env python
+"""Speed and memory benchmarks: the plain path (what the original CoOp computes) against the
+fast path (the ``FAST`` defaults), side by side in one process.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--cases a,b,...] [--json OUT]
+
+Every case times both paths with interleaved repetitions after a warm-up and reports medians,
+the ratio, its target and PASS/FAIL; the last line is ``SUMMARY: k/n targets met``. The full
+run builds random-weight CLIP models of the real RN50 and ViT-B/16 shapes (nothing is
+downloaded); ``--quick`` uses narrow models whose image/text cost balance is the real one.
+See benchmarks/README.md for what each case measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import io
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = (
+    "train_step_100",
+    "train_step_1000",
+    "text_fraction",
+    "eval_1000",
+    "eval_warm",
+    "sweep",
+    "memory_1000",
+)
+
+# --------------------------------------------------------------------------------------------
+# Model shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A CLIP architecture (positional arguments of ``clip.model.CLIP``) and its batch sizes."""
+
+    name: str
+    # embed dim, resolution, vision layers, vision width, patch (None = ResNet), context
+    # length, vocab size, text width, text heads, text layers
+    clip_args: Tuple[Any, ...]
+    batch: int  # training batch
+    test_batch: int  # evaluation batch
+
+    @property
+    def resolution(self) -> int:
+        return int(self.clip_args[1])
+
+
+# The real shapes (clip.md section 2): context 77, vocab 49408, text 512 wide, 8 heads, 12 layers.
+FULL_SHAPES = {
+    "RN50": Shape("RN50", (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12), 32, 100),
+    "ViT-B/16": Shape("ViT-B/16", (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12), 32, 100),
+}
+# Narrow stand-ins for a CPU. Per image / per 77-token prompt (forward FLOPs) the real RN50
+# costs 11.6 / 5.8 GFLOP (ratio 2.0) and ViT-B/16 33.7 / 5.8 (5.8). The quick models use a
+# 4x smaller batch, so their image/prompt ratio is 4x the real one (7.9 and 24): a training
+# batch then weighs against the class prompts exactly as in the real models.
+QUICK_SHAPES = {
+    "RN50": Shape("RN50-mini", (256, 128, (3, 4, 6, 3), 32, None, 77, 49408, 128, 2, 4), 8, 25),
+    "ViT-B/16": Shape("ViT-B/16-mini", (256, 160, 8, 384, 16, 77, 49408, 128, 2, 4), 8, 25),
+}
+# The checkpoint that coop.train.main runs with in --quick (eval_warm, sweep): a 64 px
+# RN-like model whose prompt costs ~5x an image (0.73 vs 0.15 GFLOP), so that on the
+# 10-class miniature with batch 32 a step balances images against prompts as the real RN50
+# does on Caltech101's 100 classes.
+QUICK_RUN_CLIP = dict(
+    arch="resnet",
+    embed_dim=256,
+    image_resolution=64,
+    vision_width=32,
+    vision_layers=(1, 2, 2, 1),
+    text_width=256,
+    text_layers=6,
+)
+FULL_RUN_CLIP = dict(
+    arch="resnet",
+    embed_dim=1024,
+    image_resolution=224,
+    vision_width=64,
+    vision_layers=(3, 4, 6, 3),
+    text_width=512,
+    text_layers=12,
+)
+
+# Epochs of the official CoOp schedules (1 shot: 50, 2/4 shots: 100, 8/16 shots: 200) and
+# the default number of cached training views; the sweep divides both by SWEEP_DIV.
+SHOTS = (1, 2, 4, 8, 16)
+SEEDS = (1, 2, 3)
+OFFICIAL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+OFFICIAL_VIEWS = 10
+SWEEP_DIV = 20
+
+
+@dataclass
+class Plan:
+    quick: bool
+    device: torch.device
+    shapes: Dict[str, Shape]
+    n_small: int  # "100 classes"
+    n_large: int  # "1000 classes" (smaller in --quick)
+    n_eval: int  # classes of the cold evaluation
+    eval_batches: int  # test batches of the cold evaluation
+    reps: int
+    warmup: int
+    run_clip: Dict[str, Any]
+    sweep_classes: int
+    sweep_per_class: int
+    warm_per_class: int
+    warm_classes: int
+    workers: int
+    threads: int = 0
+    tmp: str = ""
+    _clips: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def prec(self) -> str:
+        return "fp16" if self.cuda else "fp32"
+
+
+def make_plan(quick: bool, device: str) -> Plan:
+    dev = torch.device(device)
+    if quick:
+        return Plan(
+            quick=True,
+            device=dev,
+            shapes=QUICK_SHAPES,
+            n_small=100,
+            n_large=300,
+            n_eval=300,
+            eval_batches=3,
+            reps=3,
+            warmup=1,
+            run_clip=QUICK_RUN_CLIP,
+            sweep_classes=10,
+            sweep_per_class=34,  # 17 train (>= 16 shots), 7 val, 10 test per class
+            warm_classes=10,
+            warm_per_class=170,  # 510 test images
+            workers=0,
+        )
+    return Plan(
+        quick=False,
+        device=dev,
+        shapes=FULL_SHAPES,
+        n_small=100,
+        n_large=1000,
+        n_eval=1000,
+        eval_batches=10,
+        reps=7,
+        warmup=2,
+        run_clip=FULL_RUN_CLIP,
+        sweep_classes=100,
+        sweep_per_class=34,  # 1000 test images
+        warm_classes=100,
+        warm_per_class=34,
+        workers=8 if dev.type == "cuda" else 0,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Class names: 1-4 words in the style of ImageNet / Caltech101 class names
+
+_NOUNS = """tench goldfinch shark hen ostrich brambling junco bulbul jay magpie chickadee kite
+eagle vulture owl salamander newt frog turtle gecko iguana chameleon lizard alligator
+triceratops snake boa python cobra viper rattlesnake trilobite scorpion tarantula tick
+centipede grouse peacock quail partridge parrot macaw cockatoo lorikeet hornbill hummingbird
+toucan drake goose swan tusker echidna platypus wallaby koala wombat jellyfish anemone coral
+flatworm nematode conch snail slug chiton nautilus crab lobster crayfish isopod stork
+spoonbill flamingo heron egret bittern crane limpkin gallinule coot bustard turnstone
+sandpiper redshank dowitcher oystercatcher pelican penguin albatross whale dugong terrier
+retriever spaniel setter pointer sheepdog collie poodle mastiff schnauzer beagle bloodhound
+dalmatian husky pug chihuahua vizsla schipperke keeshond affenpinscher accordion anchor
+barrel binocular bonsai camera cannon chair chandelier cup ewer ferry gramophone headphone
+helicopter ketch lamp laptop mandolin menorah metronome minaret pagoda pizza pyramid revolver
+saxophone schooner scissors stapler umbrella watch wheelchair wrench airliner ambulance
+backpack bakery balloon banjo barometer bathtub beacon bicycle birdhouse bobsled bookcase
+bottlecap breakwater broom bucket buckle canoe cardigan carousel cassette castle catamaran
+cauldron cello chainsaw chime cinema cloak cocktail convertible corkscrew cornet cradle
+crutch cuirass dam desk dishwasher dome drum dumbbell envelope espresso fireboat flagpole
+flute forklift fountain gondola guillotine hamper hammer handkerchief harmonica harp hatchet
+hourglass jeep jigsaw kimono lawnmower lifeboat limousine lipstick loupe maraca marimba
+maypole microwave minivan mitten monastery mortarboard mosque muzzle obelisk oboe odometer
+organ padlock palace parachute pedestal pinwheel planetarium plunger poncho projector puck
+quilt racket radiator rifle sandal sarong scabbard seatbelt shovel snorkel sombrero syringe
+teapot thimble toaster tractor trombone tripod turnstile typewriter viaduct violin waffle
+wardrobe whistle yawl yurt""".split()
+_MODIFIERS = """great white black red blue green golden silver grey brown spotted striped common
+American European African Indian Japanese Chinese Mexican German English Irish Scottish
+French Italian Siberian Egyptian Persian giant little lesser king sea water wild electric
+grand ceiling soccer stop joshua inline windsor cowboy rocking sports police steel wooden
+paper space tree rock snow fire garden mountain desert long-horned three-toed ring-tailed
+bull hammerhead""".split()
+
+
+def make_classnames(n: int, seed: int = 0) -> List[str]:
+    """``n`` distinct class names of 1-4 words (40% / 35% / 18% / 7%), deterministic."""
+    rng = random.Random(seed)
+    names: List[str] = []
+    seen = set()
+    while len(names) < n:
+        k = rng.choices((1, 2, 3, 4), weights=(40, 35, 18, 7))[0]
+        words = rng.sample(_MODIFIERS, k - 1) + [rng.choice(_NOUNS)]
+        name = " ".join(words)
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def name_token_stats(names: Sequence[str]) -> Tuple[float, int]:
+    from coop.clip_adapter import token_length
+
+    lens = [token_length(n) for n in names]
+    return sum(lens) / len(lens), max(lens)
+
+
+# --------------------------------------------------------------------------------------------
+# Building the real model classes
+
+
+def build_clip(plan: Plan, shape: Shape):
+    """A random-weight ``clip.model.CLIP`` built like ``build_model`` (fp16 weights via
+    ``convert_weights``) on cuda, fp32 on the CPU; eval mode, on the plan's device."""
+    key = shape.name
+    if key in plan._clips:
+        return plan._clips[key]
+    from coop.clip_adapter import import_clip
+
+    import_clip()
+    from clip.model import CLIP, convert_weights
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CLIP(*shape.clip_args)
+    if plan.cuda:
+        convert_weights(model)  # PREC fp16, as the paper
+    model = model.eval().to(plan.device)
+    plan._clips[key] = model
+    return model
+
+
+def build_coop(plan: Plan, clip_model, shape: Shape, classnames: Sequence[str], fast: bool):
+    """``CustomCLIP`` through the real class, frozen like the CoOp trainer; returns
+    (model, optimizer). Only the prompt learner is trainable; the encoders stay in eval."""
+    from coop.config import get_cfg_default
+    from coop.optim import build_optimizer
+    from coop.trainers.coop import CustomCLIP
+
+    cfg = get_cfg_default()
+    cfg.INPUT.SIZE = (shape.resolution, shape.resolution)
+    cfg.FAST.ENABLED = fast
+    cfg.TRAINER.COOP.PREC = plan.prec
+    cfg.TRAINER.COOP.N_CTX = 16
+    cfg.TRAINER.COOP.CSC = False
+    cfg.TRAINER.COOP.CTX_INIT = ""
+    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"
+    cfg.freeze()
+    # the prompt learner embeds its tokens on the CPU (the trainer builds before .to(device))
+    emb = clip_model.token_embedding
+    emb.to("cpu")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = CustomCLIP(cfg, list(classnames), clip_model)
+    finally:
+        emb.to(plan.device)
+    for name, param in model.named_parameters():
+        if "prompt_learner" not in name:
+            param.requires_grad_(False)
+    model.to(plan.device)
+    model.eval()
+    model.prompt_learner.train()
+    optim = build_optimizer(model.prompt_learner, cfg.OPTIM)
+    return model, optim
+
+
+def batch_for(plan: Plan, shape: Shape, n: int, n_cls: int):
+    g = torch.Generator().manual_seed(0)
+    r = shape.resolution
+    images = torch.randn(n, 3, r, r, generator=g).to(plan.device)
+    labels = torch.randint(0, n_cls, (n,), generator=g).to(plan.device)
+    return images, labels
+
+
+def train_step_fn(model, optim, images, labels) -> Callable[[], None]:
+    """One CoOp step as ``CoOp.forward_backward`` (PREC fp16/fp32): forward, CE, zero_grad,
+    backward, SGD step, loss.item()."""
+
+    def step() -> None:
+        output = model(images)
+        loss = F.cross_entropy(output, labels)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        loss.item()
+
+    return step
+
+
+def image_forward_fn(model, images) -> Callable[[], None]:
+    def fwd() -> None:
+        with torch.no_grad():
+            model.image_encoder(images.type(model.dtype))
+
+    return fwd
+
+
+def text_forward_backward_fn(model, weight: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward of the class text features alone (into the context)."""
+
+    def fn() -> None:
+        model.prompt_learner.ctx.grad = None
+        tf = model.text_features()
+        (tf.float() * weight).sum().backward()
+
+    return fn
+
+
+def eval_fns(mp, mf, images: torch.Tensor, nb: int) -> Dict[str, Callable[[], None]]:
+    """A cold evaluation of ``nb`` test batches: plain (text features recomputed for every
+    batch, as the original) and fast (text once per evaluation); and its two parts."""
+
+    def plain() -> None:
+        with torch.no_grad():
+            for _ in range(nb):
+                mp(images).argmax(dim=1)
+
+    def fast() -> None:
+        with torch.no_grad(), mf.frozen_text_features():
+            for _ in range(nb):
+                mf(images).argmax(dim=1)
+
+    def text() -> None:
+        with torch.no_grad():
+            mf.text_features()
+
+    def img() -> None:
+        with torch.no_grad():
+            mf.image_encoder(images.type(mf.dtype))
+
+    return {"plain": plain, "fast": fast, "text": text, "img": img}
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def sync(plan: Plan) -> None:
+    if plan.cuda:
+        torch.cuda.synchronize(plan.device)
+
+
+def bench(plan: Plan, fns: Dict[str, Callable[[], None]], reps: int = 0, warmup: int = -1):
+    """Median seconds per function: warm-up rounds, then ``reps`` interleaved rounds whose
+    order alternates (a, b, c / c, b, a / ...). Returns {name: (median, [times])}."""
+    reps = reps or plan.reps
+    warmup = plan.warmup if warmup < 0 else warmup
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+            sync(plan)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names if r % 2 == 0 else names[::-1]:
+            sync(plan)
+            t0 = time.perf_counter()
+            fns[n]()
+            sync(plan)
+            times[n].append(time.perf_counter() - t0)
+    return {n: (statistics.median(t), t) for n, t in times.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Result rows
+
+
+def row(
+    case: str,
+    setting: str,
+    plain: Optional[float],
+    fast: Optional[float],
+    value: Optional[float],
+    target: Optional[Tuple[str, float]],
+    unit: str = "s",
+    value_fmt: str = "{:.2f}x",
+    note: str = "",
+    skip: str = "",
+) -> Dict[str, Any]:
+    """One printed line. ``value`` is compared with ``target`` = (">=" or "<=", bound)."""
+    passed: Optional[bool] = None
+    if skip:
+        result = f"SKIP ({skip})"
+    elif target is None or value is None:
+        result = "-"
+    else:
+        op, bound = target
+        passed = value >= bound if op == ">=" else value <= bound
+        result = "PASS" if passed else "FAIL"
+    return dict(
+        case=case,
+        setting=setting,
+        plain=plain,
+        fast=fast,
+        unit=unit,
+        value=value,
+        value_fmt=value_fmt,
+        target=list(target) if target else None,
+        passed=passed,
+        result=result,
+        note=note,
+    )
+
+
+def _fmt_amount(x: Optional[float], unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit == "B":
+        return f"{x / 2**20:.1f} MiB"
+    if x >= 100:
+        return f"{x:.1f} s"
+    if x >= 1:
+        return f"{x:.3f} s"
+    return f"{x * 1e3:.1f} ms"
+
+
+def print_row(r: Dict[str, Any]) -> None:
+    val = "-" if r["value"] is None else r["value_fmt"].format(r["value"])
+    tgt = "-"
+    if r["target"]:
+        op, bound = r["target"]
+        tgt = f"{op} " + r["value_fmt"].format(bound)
+    line = (
+        f"{r['case']:<16} {r['setting']:<38} {_fmt_amount(r['plain'], r['unit']):>11} "
+        f"{_fmt_amount(r['fast'], r['unit']):>11} {val:>9} {tgt:>9}  {r['result']}"
+    )
+    print(line, flush=True)
+    if r["note"]:
+        print(f"{'':<17}  {r['note']}", flush=True)
+
+
+HEADER = (
+    f"{'case':<16} {'setting':<38} {'plain':>11} {'fast':>11} {'ratio':>9} {'target':>9}  result"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Cases: model-level timing
+
+
+class _Models:
+    """Plain and fast CustomCLIPs sharing one CLIP per shape and class count."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.cache: Dict[Tuple[str, int], Any] = {}
+
+    def get(self, key: str, n_cls: int):
+        k = (key, n_cls)
+        if k not in self.cache:
+            shape = self.plan.shapes[key]
+            clip_model = build_clip(self.plan, shape)
+            names = make_classnames(n_cls)
+            plain = build_coop(self.plan, clip_model, shape, names, fast=False)
+            fast = build_coop(self.plan, clip_model, shape, names, fast=True)
+            self.cache[k] = (shape, names, plain, fast)
+        return self.cache[k]
+
+    def clear(self) -> None:
+        self.cache.clear()
+        gc.collect()
+        if self.plan.cuda:
+            torch.cuda.empty_cache()
+
+
+def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
+    case = "train_step_1000" if large else "train_step_100"
+    n_cls = plan.n_large if large else plan.n_small
+    targets = {("RN50", False): 2.5, ("RN50", True): 8.0, ("ViT-B/16", False): 2.0}
+    rows, info = [], {}
+    for key in plan.shapes:
+        shape, names, (mp, op), (mf, of) = models.get(key, n_cls)
+        images, labels = batch_for(plan, shape, shape.batch, n_cls)
+        fns = {
+            "plain": train_step_fn(mp, op, images, labels),
+            "fast": train_step_fn(mf, of, images, labels),
+        }
+        fns["image"] = image_forward_fn(mf, images)
+        t = bench(plan, fns)
+        tp, tf, ti = t["plain"][0], t["fast"][0], t["image"][0]
+        mean_len, max_len = name_token_stats(names)
+        setting = f"{shape.name} {n_cls} cls b{shape.batch}"
+        tgt = targets.get((key, large))
+        rows.append(
+            row(
+                case,
+                setting,
+                tp,
+                tf,
+                tp / tf,
+                (">=", tgt) if tgt else None,
+                note=f"text mode {mf.text_mode}; name tokens mean {mean_len:.1f} max {max_len}; "
+                f"bound if text were free (plain / image fwd) {tp / ti:.1f}x",
+            )
+        )
+        info[setting] = {n: v[1] for n, v in t.items()}
+        if not large:
+            rows.append(
+                row(
+                    case,
+                    f"{shape.name} fast step / image fwd",
+                    ti,
+                    tf,
+                    tf / ti,
+                    ("<=", 1.15),
+                    value_fmt="{:.2f}",
+                    note="'plain' column = image forward alone (no_grad), the physical limit",
+                )
+            )
+    return {"rows": rows, "times": info}
+
+
+def case_text_fraction(plan: Plan, models: _Models) -> Dict[str, Any]:
+    rows, info = [], {}
+    for key in plan.shapes:
+        shape, names, (mp, _), (mf, _) = models.get(key, plan.n_small)
+        images, _ = batch_for(plan, shape, shape.batch, plan.n_small)
+        g = torch.Generator().manual_seed(1)
+        weight = torch.randn(len(names), mf.text_features().shape[-1], generator=g)
+        weight = weight.to(plan.device)
+
+        t = bench(
+            plan,
+            {
+                "fast_text": text_forward_backward_fn(mf, weight),
+                "plain_text": text_forward_backward_fn(mp, weight),
+                "image": image_forward_fn(mf, images),
+            },
+        )
+        ti, tft, tpt = t["image"][0], t["fast_text"][0], t["plain_text"][0]
+        rows.append(
+            row(
+                "text_fraction",
+                f"{shape.name} {plan.n_small} cls text / img b{shape.batch}",
+                tpt,
+                tft,
+                tft / ti,
+                ("<=", 0.15),
+                value_fmt="{:.3f}",
+                note=f"text fwd+bwd (plain/fast) vs image fwd {_fmt_amount(ti, 's')}; "
+                f"ratio = fast text / image fwd (plain text / image = {tpt / ti:.2f})",
+            )
+        )
+        info[shape.name] = {n: v[1] for n, v in t.items()}
+    return {"rows": rows, "times": info}
+
+
+def case_eval_1000(plan: Plan, models: _Models) -> Dict[str, Any]:
+    rows, info = [], {}
+    n_cls = plan.n_eval
+    for key in plan.shapes:
+        shape, _, (mp, _), (mf, _) = models.get(key, n_cls)
+        images, _ = batch_for(plan, shape, shape.test_batch, n_cls)
+        nb = plan.eval_batches
+
+        t = bench(
+            plan,
+            eval_fns(mp, mf, images, nb),
+            reps=3 if plan.quick else 5,
+            warmup=0 if plan.quick else 1,  # the quick models ran in train_step_1000 already
+        )
+        tp, tf = t["plain"][0], t["fast"][0]
+        # extrapolation to an ImageNet-sized split (50,000 images), per-batch costs as measured
+        big = math.ceil(50000 / shape.test_batch)
+        per_plain, per_img = tp / nb, t["img"][0]
+        ratio_big = per_plain * big / (t["text"][0] + per_img * big)
+        setting = f"{shape.name} {n_cls} cls {nb}x{shape.test_batch} imgs"
+        rows.append(
+            row(
+                "eval_1000",
+                setting,
+                tp,
+                tf,
+                tp / tf,
+                (">=", 3.0),
+                note=f"cold (no feature cache); fast text once {_fmt_amount(t['text'][0], 's')}, "
+                f"image batch {_fmt_amount(per_img, 's')}; bound if text were free "
+                f"{tp / (nb * per_img):.1f}x; for 50k images ~{ratio_big:.1f}x",
+            )
+        )
+        info[setting] = {n: v[1] for n, v in t.items()}
+    models.clear()
+    return {"rows": rows, "times": info}
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: one training step, each path in a fresh subprocess
+
+
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_child(spec: Dict[str, Any]) -> Dict[str, Any]:
+    plan = make_plan(spec["quick"], spec["device"])
+    shape = plan.shapes[spec["shape"]]
+    n_cls = spec["n_cls"]
+    clip_model = build_clip(plan, shape)
+    model, optim = build_coop(plan, clip_model, shape, make_classnames(n_cls), spec["fast"])
+    images, labels = batch_for(plan, shape, shape.batch, n_cls)
+    step = train_step_fn(model, optim, images, labels)
+    step()  # warm-up: optimizer state, lazily initialised kernels
+    gc.collect()
+    if plan.cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak": peak, "extra": peak - base, "base": base}
+    # CPU: the kernel's peak RSS (VmHWM, reset just before the step) and, as a cross-check,
+    # the RSS sampled every ~0.5 ms by a thread while the step runs
+    base = _current_rss()
+    hwm_ok = _reset_peak_rss()
+    sampled = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            sampled[0] = max(sampled[0], _current_rss())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    step()
+    stop.set()
+    th.join()
+    sampled[0] = max(sampled[0], _current_rss())
+    peak = _peak_rss() if hwm_ok else sampled[0]
+    return {
+        "peak": peak,
+        "extra": peak - base,
+        "base": base,
+        "sampled_extra": sampled[0] - base,
+        "method": "VmHWM" if hwm_ok else "sampled",
+    }
+
+
+def case_memory(plan: Plan) -> Dict[str, Any]:
+    rows, info = [], {}
+    n_cls = plan.n_large
+    env = dict(os.environ)
+    # glibc: serve every allocation >= 64 KiB by mmap and give it back on free, so the
+    # resident set follows the live tensors (otherwise freed memory stays resident)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    for key in plan.shapes:
+        shape = plan.shapes[key]
+        res = {}
+        for fast in (False, True):
+            spec = dict(
+                quick=plan.quick,
+                device=str(plan.device),
+                shape=key,
+                n_cls=n_cls,
+                fast=fast,
+                threads=plan.threads,
+            )
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory child failed:\n{proc.stderr[-3000:]}")
+            res["fast" if fast else "plain"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        metric = "peak" if plan.cuda else "extra"
+        p, f = res["plain"][metric], res["fast"][metric]
+        if plan.cuda:
+            what = (
+                "torch.cuda.max_memory_allocated during one step, weights and inputs included "
+                f"(above the {_fmt_amount(res['plain']['base'], 'B')} resident before the step: "
+                f"{_fmt_amount(res['plain']['extra'], 'B')} vs "
+                f"{_fmt_amount(res['fast']['extra'], 'B')})"
+            )
+        else:
+            how = (
+                "kernel peak RSS (VmHWM reset before the step)"
+                if res["plain"]["method"] == "VmHWM"
+                else "peak of RSS sampled every 0.5 ms"
+            )
+            what = (
+                f"peak RSS during one step minus RSS before it: {how}, fresh process each, "
+                "glibc mmap threshold 64 KiB, weights not included; sampled RSS gives "
+                f"{_fmt_amount(res['plain']['sampled_extra'], 'B')} vs "
+                f"{_fmt_amount(res['fast']['sampled_extra'], 'B')}"
+            )
+        rows.append(
+            row(
+                "memory_1000",
+                f"{shape.name} {n_cls} cls b{shape.batch} step",
+                p,
+                f,
+                f / p,
+                ("<=", 0.5),
+                unit="B",
+                value_fmt="{:.3f}",
+                note=f"ratio = fast/plain; {what}",
+            )
+        )
+        info[shape.name] = res
+    return {"rows": rows, "memory": info}
+
+
+# --------------------------------------------------------------------------------------------
+# Cases through coop.train.main
+
+
+def _feature_implemented(key: str) -> bool:
+    """Whether any package module besides config.py reads the FAST config key ``key``."""
+    import coop
+
+    roots = {os.path.dirname(os.path.abspath(coop.__file__))}
+    for sub in ("coop.trainers", "coop.datasets"):
+        with contextlib.suppress(ImportError):
+            mod = __import__(sub, fromlist=["_"])
+            roots.add(os.path.dirname(os.path.abspath(mod.__file__)))
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            for fn in files:
+                if not fn.endswith(".py") or (fn == "config.py" and dirpath in roots):
+                    continue
+                with open(os.path.join(dirpath, fn), encoding="utf-8") as fh:
+                    if key in fh.read():
+                        return True
+    return False
+
+
+def _dir_files(path: str) -> int:
+    return sum(len(files) for _, _, files in os.walk(path)) if os.path.isdir(path) else 0
+
+
+def run_main(argv: List[str]) -> Dict[str, float]:
+    """``coop.train.main(argv)`` in this process, quietly; returns wall times of the whole
+    call, of building the trainer (data, CLIP, model) and of every ``trainer.test()``."""
+    from coop import registry
+    from coop.train import main
+    from coop.utils import close_logger
+
+    times = {"build": 0.0, "test": 0.0}
+    orig = registry.build_trainer
+
+    def timed_build(cfg):
+        t0 = time.perf_counter()
+        trainer = orig(cfg)
+        times["build"] += time.perf_counter() - t0
+        orig_test = trainer.test
+
+        def timed_test(*a, **k):
+            t1 = time.perf_counter()
+            out = orig_test(*a, **k)
+            times["test"] += time.perf_counter() - t1
+            return out
+
+        trainer.test = timed_test
+        return trainer
+
+    buf = io.StringIO()
+    registry.build_trainer = timed_build
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            rc = main(argv)
+    except BaseException:
+        sys.stderr.write(buf.getvalue()[-4000:])
+        raise
+    finally:
+        registry.build_trainer = orig
+        close_logger()
+    times["total"] = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"coop.train.main failed (rc {rc}):\n{buf.getvalue()[-4000:]}")
+    return times
+
+
+class _RunEnv:
+    """A temp folder with a Caltech101 miniature and a CLIP checkpoint for coop.train.main."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.root = plan.tmp
+        self._ckpt = ""
+        self._data: Dict[Tuple[int, int], str] = {}
+
+    def ckpt(self) -> str:
+        if not self._ckpt:
+            from coop.testing.tiny_clip import save_tiny_clip
+
+            self._ckpt = save_tiny_clip(os.path.join(self.root, "clip.pt"), **self.plan.run_clip)
+        return self._ckpt
+
+    def data(self, n_classes: int, per_class: int) -> str:
+        k = (n_classes, per_class)
+        if k not in self._data:
+            from coop.testing.fixtures import make_caltech101
+
+            path = os.path.join(self.root, f"data_{n_classes}x{per_class}")
+            res = int(self.plan.run_clip["image_resolution"])
+            make_caltech101(path, n_classes=n_classes, n_per_class=per_class, image_size=res)
+            self._data[k] = path
+        return self._data[k]
+
+    def argv(
+        self, data: str, out: str, *extra: str, seed: int = 1, shots: int = 1, eval_only=False
+    ) -> List[str]:
+        res = int(self.plan.run_clip["image_resolution"])
+        arch = "rn50" if self.plan.run_clip["arch"] == "resnet" else "vit_b16"
+        opts = [
+            "DATASET.NUM_SHOTS", str(shots),
+            "MODEL.BACKBONE.NAME", self.ckpt(),
+            "INPUT.SIZE", f"({res}, {res})",
+            "TRAINER.COOP.PREC", self.plan.prec,
+            "DATALOADER.NUM_WORKERS", str(self.plan.workers),
+            "TRAIN.PRINT_FREQ", "1000",
+        ]  # fmt: skip
+        if not self.plan.cuda:
+            opts += ["USE_CUDA", "False"]
+        return [
+            "--root", data,
+            "--seed", str(seed),
+            "--trainer", "CoOp",
+            "--dataset-config-file", os.path.join(REPO, "configs/datasets/caltech101.yaml"),
+            "--config-file", os.path.join(REPO, f"configs/trainers/CoOp/{arch}.yaml"),
+            "--output-dir", out,
+            *(["--eval-only"] if eval_only else []),
+            *opts,
+            *extra,
+        ]  # fmt: skip
+
+
+def case_eval_warm(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
+    data = env.data(plan.warm_classes, plan.warm_per_class)
+    cache = os.path.join(plan.tmp, "feature_cache_eval_warm")
+    setting = f"{plan.warm_classes} cls miniature, test split"
+    n = [0]
+
+    def out() -> str:
+        n[0] += 1
+        return os.path.join(plan.tmp, f"eval_warm_{n[0]}")
+
+    plain_opts = ["FAST.ENABLED", "False"]
+    fast_opts = ["FAST.EVAL_FEATURE_CACHE", "True", "FAST.CACHE_DIR", cache]
+    run_main(env.argv(data, out(), *plain_opts, eval_only=True))  # warm-up (imports, kernels)
+    cold = run_main(env.argv(data, out(), *fast_opts, eval_only=True))  # fills the cache
+    if not _feature_implemented("EVAL_FEATURE_CACHE") or _dir_files(cache) == 0:
+        return {
+            "rows": [
+                row(
+                    "eval_warm",
+                    setting,
+                    None,
+                    None,
+                    None,
+                    (">=", 50.0),
+                    skip="feature cache not available",
+                )
+            ]
+        }
+    plain_t, warm_t = [], []
+    reps = 3 if plan.quick else 5
+    for r in range(reps):
+        order = [(plain_opts, plain_t), (fast_opts, warm_t)]
+        for opts, acc in order if r % 2 == 0 else order[::-1]:
+            acc.append(run_main(env.argv(data, out(), *opts, eval_only=True)))
+    tp = statistics.median(t["test"] for t in plain_t)
+    tw = statistics.median(t["test"] for t in warm_t)
+    totp = statistics.median(t["total"] for t in plain_t)
+    totw = statistics.median(t["total"] for t in warm_t)
+    return {
+        "rows": [
+            row(
+                "eval_warm",
+                setting,
+                tp,
+                tw,
+                tp / tw,
+                (">=", 50.0),
+                value_fmt="{:.1f}x",
+                note=f"trainer.test() time; whole --eval-only run {_fmt_amount(totp, 's')} vs "
+                f"{_fmt_amount(totw, 's')} ({totp / totw:.1f}x); the first (cold) fast test, "
+                f"which fills the cache, took {_fmt_amount(cold['test'], 's')}",
+            )
+        ],
+        "times": {"plain": plain_t, "warm": warm_t, "cold": cold},
+    }
+
+
+def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
+    data = env.data(plan.sweep_classes, plan.sweep_per_class)
+    views = max(1, math.ceil(OFFICIAL_VIEWS / SWEEP_DIV))
+    epochs = {k: max(1, math.ceil(e / SWEEP_DIV)) for k, e in OFFICIAL_EPOCHS.items()}
+    train_cache = _feature_implemented("TRAIN_FEATURE_CACHE")
+    configs = {
+        "plain": ["FAST.ENABLED", "False"],
+        "fast": ["FAST.CACHE_DIR", os.path.join(plan.tmp, "sweep_cache_fast")],
+        "fast+train_cache": [
+            "FAST.CACHE_DIR", os.path.join(plan.tmp, "sweep_cache_train"),
+            "FAST.TRAIN_FEATURE_CACHE", "True",
+            "FAST.TRAIN_CACHE_VIEWS", str(views),
+        ],
+    }  # fmt: skip
+    if not train_cache:
+        del configs["fast+train_cache"]
+    totals = {c: 0.0 for c in configs}
+    per_run: Dict[str, List[Dict[str, float]]] = {c: [] for c in configs}
+    names = list(configs)
+    i = 0
+    for shots in SHOTS:
+        for seed in SEEDS:
+            order = names[i % len(names) :] + names[: i % len(names)]  # rotate who goes first
+            i += 1
+            for c in order:
+                out = os.path.join(plan.tmp, f"sweep_{c}_{shots}_{seed}")
+                extra = ["OPTIM.MAX_EPOCH", str(epochs[shots]), *configs[c]]
+                t = run_main(env.argv(data, out, *extra, seed=seed, shots=shots))
+                totals[c] += t["total"]
+                per_run[c].append(t)
+                shutil.rmtree(out, ignore_errors=True)
+    setting = f"{plan.sweep_classes} cls, 5 shots x 3 seeds"
+    ep = "/".join(str(epochs[k]) for k in SHOTS)
+    rows = [
+        row(
+            "sweep",
+            setting + " (fast)",
+            totals["plain"],
+            totals["fast"],
+            totals["plain"] / totals["fast"],
+            (">=", 2.5),
+            note=f"15 coop.train.main runs each, epochs {ep} (official / {SWEEP_DIV}), "
+            "whole runs incl. data, model build, test",
+        )
+    ]
+    if train_cache:
+        rows.append(
+            row(
+                "sweep",
+                setting + " (fast+train cache)",
+                totals["plain"],
+                totals["fast+train_cache"],
+                totals["plain"] / totals["fast+train_cache"],
+                (">=", 10.0),
+                note=f"FAST.TRAIN_FEATURE_CACHE True, TRAIN_CACHE_VIEWS {views} "
+                f"(official {OFFICIAL_VIEWS} / {SWEEP_DIV}, rounded up)",
+            )
+        )
+    else:
+        rows.append(
+            row(
+                "sweep",
+                setting + " (fast+train cache)",
+                totals["plain"],
+                None,
+                None,
+                (">=", 10.0),
+                skip="train feature cache not available",
+            )
+        )
+    return {"rows": rows, "totals": totals, "runs": per_run}
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def machine_line(plan: Plan) -> str:
+    dev = str(plan.device)
+    if plan.cuda:
+        dev += f" ({torch.cuda.get_device_name(plan.device)})"
+    return (
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {platform.node()} | "
+        f"{platform.processor() or platform.machine()} | {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads | torch {torch.__version__} | device {dev} | "
+        f"PREC {plan.prec} | {'quick' if plan.quick else 'full'}"
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="reduced shapes, a few CPU minutes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {CASES}")
+    p.add_argument("--json", default="", help="write all results to this file")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: 1 with --quick on a CPU, where other load on a small "
+        "machine makes multi-threaded timings erratic; else torch's default)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temp folder")
+    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.memory_child:
+        spec = json.loads(args.memory_child)
+        if spec.get("threads"):
+            torch.set_num_threads(spec["threads"])
+        print(json.dumps(memory_child(spec)))
+        return 0
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; choose from {CASES}")
+
+    plan = make_plan(args.quick, args.device)
+    threads = args.threads or (1 if plan.quick and not plan.cuda else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    plan.threads = torch.get_num_threads()
+    plan.tmp = tempfile.mkdtemp(prefix="coop-bench-")
+    if plan.cuda:
+        torch.backends.cudnn.benchmark = True  # as coop.train does on CUDA
+    print(machine_line(plan), flush=True)
+    print(HEADER, flush=True)
+
+    models = _Models(plan)
+    env = _RunEnv(plan)
+    dispatch = {
+        "train_step_100": lambda: case_train_step(plan, models, large=False),
+        "train_step_1000": lambda: case_train_step(plan, models, large=True),
+        "text_fraction": lambda: case_text_fraction(plan, models),
+        "eval_1000": lambda: case_eval_1000(plan, models),
+        "eval_warm": lambda: case_eval_warm(plan, env),
+        "sweep": lambda: case_sweep(plan, env),
+        "memory_1000": lambda: case_memory(plan),
+    }
+    results: Dict[str, Any] = {}
+    all_rows: List[Dict[str, Any]] = []
+    t_start = time.perf_counter()
+    try:
+        for case in [c for c in CASES if c in cases]:
+            t0 = time.perf_counter()
+            try:
+                res = dispatch[case]()
+            except Exception as e:  # report and go on with the other cases
+                traceback.print_exc()
+                res = {
+                    "rows": [row(case, "error", None, None, None, None, skip="")],
+                    "error": repr(e),
+                }
+                msg = " ".join(str(e).split())
+                res["rows"][0]["result"] = f"ERROR ({type(e).__name__}: {msg})"[:200]
+                res["rows"][0]["passed"] = False
+            res["seconds"] = time.perf_counter() - t0
+            for r in res["rows"]:
+                print_row(r)
+            results[case] = res
+            all_rows.extend(res["rows"])
+    finally:
+        if args.keep:
+            print(f"temp folder kept: {plan.tmp}", flush=True)
+        else:
+            shutil.rmtree(plan.tmp, ignore_errors=True)
+
+    judged = [r for r in all_rows if r["passed"] is not None]
+    met = sum(1 for r in judged if r["passed"])
+    skipped = sum(1 for r in all_rows if r["result"].startswith("SKIP"))
+    elapsed = time.perf_counter() - t_start
+    tail = f" ({skipped} skipped)" if skipped else ""
+    print(f"SUMMARY: {met}/{len(judged)} targets met{tail} [{elapsed:.0f} s]", flush=True)
+    if args.json:
+        payload = {
+            "machine": machine_line(plan),
+            "quick": plan.quick,
+            "device": str(plan.device),
+            "cases": results,
+            "summary": {"met": met, "judged": len(judged), "skipped": skipped},
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
