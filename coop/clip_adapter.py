@@ -11,7 +11,6 @@ Nothing is imported or loaded at module import time beyond the standard library 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import importlib
 import importlib.util
@@ -27,6 +26,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from coop.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +140,6 @@ def default_cache_dir(cfg_value: str = "") -> str:
     return os.path.abspath(os.path.expanduser(folder))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_weights(url: str, root: str) -> str:
     """Download ``url`` into folder ``root`` with CLIP's own downloader (SHA256-checked).
 
@@ -173,7 +166,7 @@ def _fetch(url: str, cache: str, target: str, download: Optional[Callable[[str, 
     try:
         got = fn(url, tmp_dir)
         expected = url.split("/")[-2]
-        actual = _sha256(got)
+        actual = sha256_file(got)
         if actual != expected:
             raise RuntimeError(
                 f"the downloaded file's SHA256 checksum {actual} does not match {expected}"
@@ -223,7 +216,7 @@ def _resolve_named(
     target = os.path.join(cache, os.path.basename(url))
     mismatch = ""
     if os.path.isfile(target):
-        actual = _sha256(target)
+        actual = sha256_file(target)
         if actual == expected:
             return target
         mismatch = (

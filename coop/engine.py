@@ -726,11 +726,6 @@ class TrainerX(SimpleTrainer):
             end = time.time()
         self.report_skipped(f"epoch {self.epoch + 1}/{self.max_epoch}")
 
-    def parse_batch_train(self, batch: Dict[str, Any]):
-        input = batch["img"].to(self.device)
-        label = batch["label"].to(self.device)
-        return input, label
-
 
 def _cfg_to_dict(cfg: Any) -> Dict[str, Any]:
     out: Dict[str, Any] = {}

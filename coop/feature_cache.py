@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from coop.io import atomic_torch_save, atomic_write_json, file_lock
+from coop.io import atomic_torch_save, atomic_write_json, file_lock, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -32,31 +32,25 @@ def default_cache_dir(cfg_value: str = "") -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def _read_memo(memo_path: str) -> Dict[str, str]:
+    try:
+        with open(memo_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def file_sha256(path: str, cache_dir: str) -> str:
     """SHA-256 of a file, memoised in ``cache_dir`` by (path, size, mtime)."""
     st = os.stat(path)
     memo_path = os.path.join(cache_dir, "file_hashes.json")
     ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
-    memo: Dict[str, str] = {}
-    if os.path.isfile(memo_path):
-        try:
-            with open(memo_path, encoding="utf-8") as f:
-                memo = json.load(f)
-        except (OSError, ValueError):
-            memo = {}
-    if ident in memo:
-        return memo[ident]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
+    known = _read_memo(memo_path).get(ident)
+    if known is not None:
+        return known
+    digest = sha256_file(path)
     with file_lock(memo_path):
-        try:
-            with open(memo_path, encoding="utf-8") as f:
-                memo = json.load(f)
-        except (OSError, ValueError):
-            memo = {}
+        memo = _read_memo(memo_path)  # again: another run may have added entries meanwhile
         memo[ident] = digest
         atomic_write_json(memo_path, memo, indent=None)
     return digest

@@ -344,3 +344,14 @@ def load_checkpoint(path: str) -> Any:
             f"{path} is not a model checkpoint: expected a dict with a 'state_dict' entry"
         )
     return ckpt
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

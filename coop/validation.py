@@ -9,17 +9,28 @@ from coop.config import ConfigError
 _CHOICES = {
     "TEST.FINAL_MODEL": ("last_step", "best_val"),
     "TEST.SPLIT": ("val", "test"),
-    "OPTIM.NAME": ("adam", "amsgrad", "sgd", "rmsprop", "radam", "adamw"),
-    "OPTIM.LR_SCHEDULER": ("single_step", "multi_step", "cosine"),
     "OPTIM.WARMUP_TYPE": ("linear", "constant"),
     "INPUT.INTERPOLATION": ("bilinear", "bicubic", "nearest"),
     "DATASET.SUBSAMPLE_CLASSES": ("all", "base", "new"),
-    "TRAINER.COOP.PREC": ("fp16", "fp32", "amp", "bf16"),
-    "TRAINER.COOP.CLASS_TOKEN_POSITION": ("end", "middle", "front"),
     "TRAINER.COCOOP.PREC": ("fp16", "fp32", "amp"),
     "DATALOADER.TRAIN_X.SAMPLER": ("RandomSampler", "SequentialSampler"),
     "DATALOADER.TEST.SAMPLER": ("RandomSampler", "SequentialSampler"),
 }
+
+
+def _choices() -> dict:
+    """The allowed values of each checked key; lists owned by a module are taken from it."""
+    from coop.optim import AVAI_OPTIMS, AVAI_SCHEDS
+    from coop.trainers.coop import POSITIONS, PRECISIONS
+
+    return {
+        **_CHOICES,
+        "OPTIM.NAME": tuple(AVAI_OPTIMS),
+        "OPTIM.LR_SCHEDULER": tuple(AVAI_SCHEDS),
+        "TRAINER.COOP.PREC": PRECISIONS,
+        "TRAINER.COOP.CLASS_TOKEN_POSITION": POSITIONS,
+    }
+
 
 # Input resolution and text width (the context vectors' dimension) of OpenAI's CLIP models.
 BACKBONE_RESOLUTION = {
@@ -71,7 +82,7 @@ def validate_cfg(cfg: Any) -> None:
     """Refuse values and combinations that cannot work, naming the key and the allowed set."""
     from coop.registry import DATASET_REGISTRY, TRAINER_REGISTRY
 
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         _check_choice(cfg, key, choices)
 
     if not cfg.TRAINER.NAME:
