@@ -132,7 +132,8 @@ class Plan:
     workers: int
     threads: int = 0
     tmp: str = ""
-    _clips: Dict[str, Any] = field(default_factory=dict)
+    _clips: Dict[Tuple[str, str], Any] = field(default_factory=dict)
+    _memory: Dict[Tuple[str, bool], Any] = field(default_factory=dict)
 
     @property
     def cuda(self) -> bool:
@@ -217,6 +218,31 @@ paper space tree rock snow fire garden mountain desert long-horned three-toed ri
 bull hammerhead""".split()
 
 
+# Caltech101's 100 classes as CoOp names them (label order of its split file, underscores
+# become spaces in the prompt learner): the paper's 100-class dataset.
+CALTECH101_CLASSNAMES = [
+    n.replace("_", " ")
+    for n in """face leopard motorbike accordion airplane anchor ant barrel bass beaver binocular
+bonsai brain brontosaurus buddha butterfly camera cannon car_side ceiling_fan cellphone chair
+chandelier cougar_body cougar_face crab crayfish crocodile crocodile_head cup dalmatian
+dollar_bill dolphin dragonfly electric_guitar elephant emu euphonium ewer ferry flamingo
+flamingo_head garfield gerenuk gramophone grand_piano hawksbill headphone hedgehog helicopter
+ibis inline_skate joshua_tree kangaroo ketch lamp laptop llama lobster lotus mandolin mayfly
+menorah metronome minaret nautilus octopus okapi pagoda panda pigeon pizza platypus pyramid
+revolver rhino rooster saxophone schooner scissors scorpion sea_horse snoopy soccer_ball
+stapler starfish stegosaurus stop_sign strawberry sunflower tick trilobite umbrella watch
+water_lilly wheelchair wild_cat windsor_chair wrench yin_yang""".split()
+]
+
+
+def benchmark_classnames(n: int) -> List[str]:
+    """The class names of an ``n``-class case: Caltech101's own at 100 classes, otherwise
+    ImageNet-style synthetic names (``make_classnames``)."""
+    if n == len(CALTECH101_CLASSNAMES):
+        return list(CALTECH101_CLASSNAMES)
+    return make_classnames(n)
+
+
 def make_classnames(n: int, seed: int = 0) -> List[str]:
     """``n`` distinct class names of 1-4 words (40% / 35% / 18% / 7%), deterministic."""
     rng = random.Random(seed)
@@ -243,10 +269,12 @@ def name_token_stats(names: Sequence[str]) -> Tuple[float, int]:
 # Building the real model classes
 
 
-def build_clip(plan: Plan, shape: Shape):
+def build_clip(plan: Plan, shape: Shape, copy: str = ""):
     """A random-weight ``clip.model.CLIP`` built like ``build_model`` (fp16 weights via
-    ``convert_weights``) on cuda, fp32 on the CPU; eval mode, on the plan's device."""
-    key = shape.name
+    ``convert_weights``) on cuda, fp32 on the CPU; eval mode, on the plan's device. Each
+    ``copy`` name gets its own instance with the same weights (the fast path converts a
+    ResNet image encoder to channels-last in place, which must not reach the plain one)."""
+    key = (shape.name, copy)
     if key in plan._clips:
         return plan._clips[key]
     from coop.clip_adapter import import_clip
@@ -322,9 +350,12 @@ def train_step_fn(model, optim, images, labels) -> Callable[[], None]:
 
 
 def image_forward_fn(model, images) -> Callable[[], None]:
+    """The image side of ``model`` alone: its frozen encoder's forward (as that path runs it,
+    e.g. channels-last) and the normalisation, without gradient tracking."""
+
     def fwd() -> None:
         with torch.no_grad():
-            model.image_encoder(images.type(model.dtype))
+            model.encode_image(images)
 
     return fwd
 
@@ -360,7 +391,7 @@ def eval_fns(mp, mf, images: torch.Tensor, nb: int) -> Dict[str, Callable[[], No
 
     def img() -> None:
         with torch.no_grad():
-            mf.image_encoder(images.type(mf.dtype))
+            mf.encode_image(images)
 
     return {"plain": plain, "fast": fast, "text": text, "img": img}
 
@@ -483,10 +514,9 @@ class _Models:
         k = (key, n_cls)
         if k not in self.cache:
             shape = self.plan.shapes[key]
-            clip_model = build_clip(self.plan, shape)
-            names = make_classnames(n_cls)
-            plain = build_coop(self.plan, clip_model, shape, names, fast=False)
-            fast = build_coop(self.plan, clip_model, shape, names, fast=True)
+            names = benchmark_classnames(n_cls)
+            plain = build_coop(self.plan, build_clip(self.plan, shape), shape, names, False)
+            fast = build_coop(self.plan, build_clip(self.plan, shape, "fast"), shape, names, True)
             self.cache[k] = (shape, names, plain, fast)
         return self.cache[k]
 
@@ -505,16 +535,35 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
     for key in plan.shapes:
         shape, names, (mp, op), (mf, of) = models.get(key, n_cls)
         images, labels = batch_for(plan, shape, shape.batch, n_cls)
-        fns = {
-            "plain": train_step_fn(mp, op, images, labels),
-            "fast": train_step_fn(mf, of, images, labels),
-        }
+        no_fit = plain_does_not_fit(plan, key) if large else ""
+        fns = {"fast": train_step_fn(mf, of, images, labels)}
+        if not no_fit:
+            fns["plain"] = train_step_fn(mp, op, images, labels)
         fns["image"] = image_forward_fn(mf, images)
+        if not large:
+            fns["image_plain"] = image_forward_fn(mp, images)
         t = bench(plan, fns)
-        tp, tf, ti = t["plain"][0], t["fast"][0], t["image"][0]
+        tf, ti = t["fast"][0], t["image"][0]
         mean_len, max_len = name_token_stats(names)
         setting = f"{shape.name} {n_cls} cls b{shape.batch}"
         tgt = targets.get((key, large))
+        info[setting] = {n: v[1] for n, v in t.items()}
+        if no_fit:
+            rows.append(
+                row(
+                    case,
+                    setting,
+                    None,
+                    tf,
+                    None,
+                    (">=", tgt) if tgt else None,
+                    note=f"fast step {_fmt_amount(tf, 's')}, image forward alone "
+                    f"{_fmt_amount(ti, 's')}; see memory_1000",
+                    skip=no_fit,
+                )
+            )
+            continue
+        tp = t["plain"][0]
         rows.append(
             row(
                 case,
@@ -527,7 +576,6 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
                 f"bound if text were free (plain / image fwd) {tp / ti:.1f}x",
             )
         )
-        info[setting] = {n: v[1] for n, v in t.items()}
         if not large:
             rows.append(
                 row(
@@ -538,10 +586,17 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
                     tf / ti,
                     ("<=", 1.15),
                     value_fmt="{:.2f}",
-                    note="'plain' column = image forward alone (no_grad), the physical limit",
+                    note="'plain' column = the fast path's image forward alone (no_grad), the "
+                    f"physical limit; {_image_side_note(mf)}the image forward as the original "
+                    f"runs it takes {_fmt_amount(t['image_plain'][0], 's')} "
+                    f"(fast step / that = {tf / t['image_plain'][0]:.2f})",
                 )
             )
     return {"rows": rows, "times": info}
+
+
+def _image_side_note(model) -> str:
+    return "channels-last ResNet encoder; " if getattr(model, "channels_last", False) else ""
 
 
 def case_text_fraction(plan: Plan, models: _Models) -> Dict[str, Any]:
@@ -590,8 +645,9 @@ def case_eval_1000(plan: Plan, models: _Models) -> Dict[str, Any]:
         t = bench(
             plan,
             eval_fns(mp, mf, images, nb),
-            reps=3 if plan.quick else 5,
-            warmup=0 if plan.quick else 1,  # the quick models ran in train_step_1000 already
+            reps=min(plan.reps, 3 if plan.quick else 5),
+            # the quick models ran in train_step_1000 already
+            warmup=min(plan.warmup, 0 if plan.quick else 1),
         )
         tp, tf = t["plain"][0], t["fast"][0]
         # extrapolation to an ImageNet-sized split (50,000 images), per-batch costs as measured
@@ -644,12 +700,50 @@ def _peak_rss() -> int:
     return 0
 
 
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
+
+
 def memory_child(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """One training step of one path in this (fresh) process and its peak memory. With
+    ``limit`` (CPU), private memory is capped there (RLIMIT_DATA), so a step that needs more
+    fails with an allocation error instead of pushing the machine into its OOM killer; the
+    result is then ``{"oom": True}``."""
+    limit = int(spec.get("limit") or 0)
+    if limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    try:
+        return _memory_step(spec)
+    except (RuntimeError, MemoryError) as e:
+        if not _is_oom(e):
+            raise
+        return {"oom": True, "limit": limit, "error": " ".join(str(e).split())[:300]}
+
+
+def _memory_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     plan = make_plan(spec["quick"], spec["device"])
     shape = plan.shapes[spec["shape"]]
     n_cls = spec["n_cls"]
-    clip_model = build_clip(plan, shape)
-    model, optim = build_coop(plan, clip_model, shape, make_classnames(n_cls), spec["fast"])
+    clip_model = build_clip(plan, shape, "fast" if spec["fast"] else "")
+    model, optim = build_coop(plan, clip_model, shape, benchmark_classnames(n_cls), spec["fast"])
     images, labels = batch_for(plan, shape, shape.batch, n_cls)
     step = train_step_fn(model, optim, images, labels)
     step()  # warm-up: optimizer state, lazily initialised kernels
@@ -690,36 +784,85 @@ def memory_child(spec: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def case_memory(plan: Plan) -> Dict[str, Any]:
-    rows, info = [], {}
-    n_cls = plan.n_large
+def memory_result(plan: Plan, key: str, fast: bool) -> Dict[str, Any]:
+    """One 1000-class training step of one path in a fresh subprocess (memoised per plan)."""
+    if (key, fast) in plan._memory:
+        return plan._memory[(key, fast)]
     env = dict(os.environ)
     # glibc: serve every allocation >= 64 KiB by mmap and give it back on free, so the
     # resident set follows the live tensors (otherwise freed memory stays resident)
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    spec = dict(
+        quick=plan.quick,
+        device=str(plan.device),
+        shape=key,
+        n_cls=plan.n_large,
+        fast=fast,
+        threads=plan.threads,
+        # on a CPU: leave a fifth of the available memory to the rest of the machine
+        limit=0 if plan.cuda else int(_available_memory() * 0.8),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    plan._memory[(key, fast)] = res
+    return res
+
+
+def plain_does_not_fit(plan: Plan, key: str) -> str:
+    """On a CPU at full size: why the plain 1000-class step cannot run here ("" if it can)."""
+    if plan.cuda or plan.quick:
+        return ""
+    res = memory_result(plan, key, fast=False)
+    if not res.get("oom"):
+        return ""
+    return (
+        f"plain path does not fit: one step needs more than {_fmt_amount(res['limit'], 'B')} "
+        "(4/5 of this machine's available memory)"
+    )
+
+
+def case_memory(plan: Plan) -> Dict[str, Any]:
+    rows, info = [], {}
+    n_cls = plan.n_large
     for key in plan.shapes:
         shape = plan.shapes[key]
-        res = {}
-        for fast in (False, True):
-            spec = dict(
-                quick=plan.quick,
-                device=str(plan.device),
-                shape=key,
-                n_cls=n_cls,
-                fast=fast,
-                threads=plan.threads,
-            )
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=REPO,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory child failed:\n{proc.stderr[-3000:]}")
-            res["fast" if fast else "plain"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        res = {
+            "plain": memory_result(plan, key, fast=False),
+            "fast": memory_result(plan, key, fast=True),
+        }
+        info[shape.name] = res
+        setting = f"{shape.name} {n_cls} cls b{shape.batch} step"
+        if res["fast"].get("oom"):
+            raise RuntimeError(f"the fast path does not fit in memory: {res['fast']['error']}")
         metric = "peak" if plan.cuda else "extra"
+        if res["plain"].get("oom"):
+            # the plain step needs more than the cap: the ratio is at most fast / cap
+            limit, f = res["plain"]["limit"], res["fast"][metric]
+            rows.append(
+                row(
+                    "memory_1000",
+                    setting,
+                    limit,
+                    f,
+                    f / limit,
+                    ("<=", 0.5),
+                    unit="B",
+                    value_fmt="{:.3f}",
+                    note="the plain step did not fit: it failed to allocate above the cap of "
+                    f"{_fmt_amount(limit, 'B')} (4/5 of the available memory), so the 'plain' "
+                    "column is a lower bound and the ratio an upper bound; fast = peak RSS "
+                    "during one step minus RSS before it, weights not included",
+                )
+            )
+            continue
         p, f = res["plain"][metric], res["fast"][metric]
         if plan.cuda:
             what = (
@@ -753,7 +896,6 @@ def case_memory(plan: Plan) -> Dict[str, Any]:
                 note=f"ratio = fast/plain; {what}",
             )
         )
-        info[shape.name] = res
     return {"rows": rows, "memory": info}
 
 
@@ -912,7 +1054,7 @@ def case_eval_warm(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
             ]
         }
     plain_t, warm_t = [], []
-    reps = 3 if plan.quick else 5
+    reps = min(plan.reps, 3 if plan.quick else 5)
     for r in range(reps):
         order = [(plain_opts, plain_t), (fast_opts, warm_t)]
         for opts, acc in order if r % 2 == 0 else order[::-1]:
@@ -1042,6 +1184,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="torch CPU threads (default: 1 with --quick on a CPU, where other load on a small "
         "machine makes multi-threaded timings erratic; else torch's default)",
     )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=0,
+        help="timed repetitions per measurement (default 3 with --quick, else 7); fewer for a "
+        "full-size run on a CPU",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=-1, help="warm-up rounds (default 1 with --quick, else 2)"
+    )
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=0,
+        help="test batches of the cold evaluation (eval_1000; default 3 with --quick, else 10)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1060,7 +1218,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {CASES}")
 
+    if args.reps < 0 or args.warmup < -1 or args.eval_batches < 0:
+        p.error("--reps, --warmup and --eval-batches must not be negative")
     plan = make_plan(args.quick, args.device)
+    if args.reps:
+        plan.reps = args.reps
+    if args.warmup >= 0:
+        plan.warmup = args.warmup
+    if args.eval_batches:
+        plan.eval_batches = args.eval_batches
     threads = args.threads or (1 if plan.quick and not plan.cuda else 0)
     if threads:
         torch.set_num_threads(threads)

@@ -359,6 +359,21 @@ def clip_dtype(clip_model: nn.Module) -> torch.dtype:
     return clip_model.dtype
 
 
+def use_channels_last(visual: nn.Module) -> bool:
+    """Store a convolutional (ModifiedResNet) image encoder's weights in channels-last
+    memory format, which convolution kernels on CPUs and GPUs run faster; returns whether
+    it did. Inputs must then be made channels-last too (:func:`channels_last_input`).
+    Vision transformers (one patch convolution) are left as they are."""
+    if not hasattr(visual, "attnpool"):
+        return False
+    visual.to(memory_format=torch.channels_last)
+    return True
+
+
+def channels_last_input(images: torch.Tensor) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+
+
 def input_resolution(clip_model: nn.Module) -> int:
     """Image side length the vision tower expects."""
     return int(clip_model.visual.input_resolution)

@@ -51,6 +51,11 @@ class CLIPTrainer(TrainerX):
     def clip_dtype(self) -> torch.dtype:
         raise NotImplementedError
 
+    def image_channels_last(self) -> bool:
+        """Whether ``image_features`` runs a channels-last image encoder (``FAST.CHANNELS_LAST``;
+        part of the cache key, as it changes float rounding)."""
+        return False
+
     # ------------------------------------------------------------------ evaluation cache
     def eval_cache_enabled(self) -> bool:
         fast = self.cfg.FAST
@@ -79,6 +84,7 @@ class CLIPTrainer(TrainerX):
             "no_transform": cfg.INPUT.NO_TRANSFORM,
             "batch_size": data_loader.batch_size,
             "dtype": str(self.clip_dtype()),
+            "channels_last": self.image_channels_last(),
             "device": self.device.type,
             "torch": torch.__version__,
         }

@@ -87,6 +87,37 @@ def test_frozen_text_features_equal_per_batch_logits(clip32):
     assert torch.equal(per_batch, frozen)
 
 
+def _conv_weights(visual):
+    return [m.weight for m in visual.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_channels_last_resnet_encoder_matches_plain(tiny_rn, clip32):
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    plain = CustomCLIP(_cfg(ENABLED=False), NAMES, load_clip(tiny_rn).float())
+    torch.manual_seed(0)
+    fast = CustomCLIP(_cfg(), NAMES, load_clip(tiny_rn).float())
+    assert fast.channels_last and not plain.channels_last
+    assert all(w.is_contiguous(memory_format=cl) for w in _conv_weights(fast.image_encoder))
+    assert not all(w.is_contiguous(memory_format=cl) for w in _conv_weights(plain.image_encoder))
+    img = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        a, b = plain(img), fast(img)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+    # off when asked, and a vision transformer is left as it is
+    assert not CustomCLIP(_cfg(CHANNELS_LAST=False), NAMES, load_clip(tiny_rn)).channels_last
+    assert not CustomCLIP(_cfg(), NAMES, clip32).channels_last
+
+
+def test_zeroshot_resnet_fast_matches_plain(data_root, tiny_rn, tmp_path):
+    metrics = {}
+    for fast in ("False", "True"):
+        out = str(tmp_path / fast)
+        assert main(zeroshot_argv(data_root, out, tiny_rn, "FAST.ENABLED", fast)) == 0
+        metrics[fast] = read_results(out)["metrics"]
+    assert metrics["True"] == pytest.approx(metrics["False"], abs=1e-6)
+
+
 def test_training_with_fast_paths_matches_plain(data_root, learnable_clip, tmp_path):
     runs = {}
     for name, fast in (("plain", "False"), ("fast", "True")):

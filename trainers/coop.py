@@ -18,9 +18,11 @@ from torch import nn
 from coop.clip_adapter import (
     SharedPrefixTextEncoder,
     TextEncoder,
+    channels_last_input,
     load_clip,
     token_length,
     tokenize,
+    use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
 from coop.io import CheckpointError
@@ -184,6 +186,9 @@ class CustomCLIP(nn.Module):
         chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
         self.text_encoder = TextEncoder(clip_model, eot_truncate=self.text_mode == "truncate")
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
+        self.channels_last = bool(
+            cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(self.image_encoder)
+        )
         if self.text_mode != "plain":
             logger.info(f"Text encoder fast path: {self.text_mode}")
 
@@ -212,7 +217,10 @@ class CustomCLIP(nn.Module):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features of the frozen encoder, (B, embed_dim)."""
-        image_features = self.image_encoder(image.type(self.dtype))
+        image = image.type(self.dtype)
+        if self.channels_last:
+            image = channels_last_input(image)
+        image_features = self.image_encoder(image)
         return image_features / image_features.norm(dim=-1, keepdim=True)
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -312,6 +320,9 @@ class CoOp(CLIPTrainer):
     def clip_dtype(self) -> torch.dtype:
         """The precision the image features are computed in (part of the cache key)."""
         return torch.bfloat16 if self.use_bf16 else self.model.dtype
+
+    def image_channels_last(self) -> bool:
+        return self.model.channels_last
 
     def forward_backward(self, batch) -> Dict[str, float]:
         image, label = self.parse_batch_train(batch)

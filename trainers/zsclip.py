@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from coop.clip_adapter import tokenize
+from coop.clip_adapter import channels_last_input, tokenize, use_channels_last
 from coop.clip_trainer import CLIPTrainer
 from coop.registry import TRAINER_REGISTRY
 from coop.trainers.coop import load_clip_for
@@ -55,8 +55,13 @@ class ZeroshotCLIP(CLIPTrainer):
             text_features = text_features / text_features.norm(dim=-1, keepdim=True)
         self.text_features = text_features  # (n_cls, embed_dim)
         self.clip_model = clip_model
+        self.channels_last = bool(
+            cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(clip_model.visual)
+        )
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = channels_last_input(images)
         image_features = self.clip_model.encode_image(images)
         return image_features / image_features.norm(dim=-1, keepdim=True)
 
@@ -66,6 +71,9 @@ class ZeroshotCLIP(CLIPTrainer):
 
     def clip_dtype(self) -> torch.dtype:
         return self.clip_model.dtype
+
+    def image_channels_last(self) -> bool:
+        return self.channels_last
 
     def model_inference(self, image: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.image_features(image))
