@@ -174,6 +174,11 @@ def _coop_dassl_additions(cfg: CN) -> None:
     cfg.FAST.CLASS_CHUNK = 1024
     # ResNet image encoders run in channels-last memory format (faster convolutions)
     cfg.FAST.CHANNELS_LAST = True
+    # build CLIP without its random initialisers (the checkpoint overwrites their values);
+    # the random state they leave behind is remembered in FAST.CACHE_DIR from the first
+    # build with the same state and architecture and restored, so every later draw (the
+    # context initialisation) is bit-identical
+    cfg.FAST.CLIP_INIT_MEMO = True
     # cache the frozen image features of evaluation splits on disk, reused by every run,
     # seed and method that evaluates the same split with the same backbone and transform
     cfg.FAST.EVAL_FEATURE_CACHE = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -25,6 +26,7 @@ from coop.clip_adapter import (
     use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
+from coop.feature_cache import default_cache_dir
 from coop.io import CheckpointError
 from coop.optim import build_lr_scheduler, build_optimizer
 from coop.registry import TRAINER_REGISTRY
@@ -38,7 +40,10 @@ POSITIONS = ("end", "middle", "front")
 def load_clip_for(cfg) -> nn.Module:
     """Load the configured CLIP backbone on the CPU (fp16 weights, as built)."""
     logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-    return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR)
+    memo = ""
+    if cfg.FAST.ENABLED and cfg.FAST.CLIP_INIT_MEMO:
+        memo = os.path.join(default_cache_dir(cfg.FAST.CACHE_DIR), "clip_init")
+    return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR, init_memo_dir=memo)
 
 
 class PromptLearner(nn.Module):
