@@ -692,12 +692,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _peak_rss() -> int:
+    return _status_bytes("VmHWM")
 
 
 def _available_memory() -> int:
@@ -781,6 +785,7 @@ def _memory_step(spec: Dict[str, Any]) -> Dict[str, Any]:
         "base": base,
         "sampled_extra": sampled[0] - base,
         "method": "VmHWM" if hwm_ok else "sampled",
+        "data_after": _status_bytes("VmData"),  # what RLIMIT_DATA counts, after the step
     }
 
 
