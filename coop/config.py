@@ -188,9 +188,10 @@ def _coop_dassl_additions(cfg: CN) -> None:
     # of augmented views per training image, so training runs the text side only.
     cfg.FAST.TRAIN_FEATURE_CACHE = False
     cfg.FAST.TRAIN_CACHE_VIEWS = 10
-    # Opt-in: keep DataLoader workers alive across epochs. With workers > 0 this changes
-    # which augmentations are drawn (the original re-creates its workers every epoch).
-    cfg.FAST.PERSISTENT_WORKERS = False
+    # keep DataLoader workers alive across epochs instead of starting new ones every epoch;
+    # they are re-seeded each epoch exactly as new workers are, so the augmentations drawn
+    # are the original's
+    cfg.FAST.PERSISTENT_WORKERS = True
 
 
 def extend_cfg(cfg: CN) -> None:

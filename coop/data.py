@@ -449,6 +449,63 @@ def _build_sampler(sampler_type: str, data_source: Any) -> Any:
     raise ValueError(f"Unknown sampler {sampler_type!r}; supported: {', '.join(SAMPLERS)}")
 
 
+def seed_like_a_fresh_worker(base_seed: int, worker_id: int) -> None:
+    """Seed this worker's ``random``, torch and numpy generators exactly as torch's
+    ``_worker_loop`` seeds a newly started worker."""
+    seed = base_seed + worker_id
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        from torch.utils.data._utils.worker import _generate_state
+    except ImportError:
+        return
+    np.random.seed(_generate_state(base_seed, worker_id))
+
+
+class EpochSeededSampler:
+    """Wraps a sampler for persistent workers: at the start of every pass it draws, from
+    torch's global generator, the base seed that a freshly created multi-worker iterator
+    draws (before the sampler's own draw), and pairs it with every index."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        base_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        for idx in self.sampler:
+            yield (idx, base_seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ReseedingDataset(TorchDataset):
+    """A dataset for persistent workers: when a worker sees a new pass's base seed it
+    re-seeds itself as a new worker would be seeded, so every pass draws the augmentations
+    that the original's re-created workers draw. Other attributes are the wrapped ones."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self._base_seed: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        idx, base_seed = key
+        info = torch.utils.data.get_worker_info()
+        if info is not None and base_seed != self._base_seed:
+            self._base_seed = base_seed
+            seed_like_a_fresh_worker(base_seed, info.id)
+        return self.dataset[idx]
+
+
 def build_data_loader(
     cfg: Any,
     sampler_type: str = "SequentialSampler",
@@ -475,10 +532,17 @@ def build_data_loader(
         extra["collate_fn"] = skip_unreadable_collate
     sampler = _build_sampler(sampler_type, wrapper)
     num_workers = resolve_num_workers(cfg.DATALOADER.NUM_WORKERS)
-    if num_workers > 0 and cfg.FAST.PERSISTENT_WORKERS:
+    dataset: Any = wrapper
+    if num_workers > 0 and cfg.FAST.ENABLED and cfg.FAST.PERSISTENT_WORKERS:
+        # workers live across epochs but are re-seeded per epoch like fresh ones; the
+        # loader's own base-seed draw goes to a private generator, the real one is drawn
+        # from the global generator by the sampler, where the original draws it
+        dataset = ReseedingDataset(wrapper)
+        sampler = EpochSeededSampler(sampler)
         extra["persistent_workers"] = True
+        extra["generator"] = torch.Generator()
     loader = torch.utils.data.DataLoader(
-        wrapper,
+        dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,

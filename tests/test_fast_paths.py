@@ -271,13 +271,31 @@ def test_worker_count_from_the_machine_and_persistent_workers(data_root, tiny_vi
     cfg.DATALOADER.NUM_WORKERS = -1
     dm = DataManager(cfg)
     assert dm.train_loader_x.num_workers == auto
-    assert dm.train_loader_x.persistent_workers is False  # the original's behaviour
-    cfg.FAST.PERSISTENT_WORKERS = True
-    dm = DataManager(cfg)
     assert dm.train_loader_x.persistent_workers is True
+    cfg.FAST.PERSISTENT_WORKERS = False
+    assert DataManager(cfg).train_loader_x.persistent_workers is False
+    cfg.FAST.PERSISTENT_WORKERS = True
+    cfg.FAST.ENABLED = False  # the original re-creates its workers every epoch
+    assert DataManager(cfg).train_loader_x.persistent_workers is False
 
-    out = str(tmp_path / "w")
-    argv = coop_argv(data_root, out, tiny_vit, 1, 2, "OPTIM.MAX_EPOCH", "2")
-    argv[argv.index("DATALOADER.NUM_WORKERS") + 1] = "2"
-    assert main([*argv, "FAST.PERSISTENT_WORKERS", "True"]) == 0
-    assert read_results(out)["total"] == 60
+
+def test_persistent_workers_draw_the_original_augmentations(data_root, tiny_vit, tmp_path):
+    """Workers kept alive across epochs but re-seeded like new ones: the same batches,
+    augmentations and random stream as workers re-created every epoch, bit for bit."""
+    runs = {}
+    for persistent in ("False", "True"):
+        out = str(tmp_path / persistent)
+        argv = coop_argv(
+            data_root, out, tiny_vit, 1, 4, "OPTIM.MAX_EPOCH", "3",
+            "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "TRAIN.PRINT_FREQ", "1",
+            "FAST.PERSISTENT_WORKERS", persistent,
+        )  # fmt: skip
+        argv[argv.index("DATALOADER.NUM_WORKERS") + 1] = "2"
+        assert main(argv) == 0
+        ckpt = torch.load(os.path.join(out, "prompt_learner", "model.pth.tar-3"), weights_only=True)
+        runs[persistent] = (loss_lines(os.path.join(out, "log.txt")), ckpt, read_results(out))
+    (lines_a, ckpt_a, res_a), (lines_b, ckpt_b, res_b) = runs["False"], runs["True"]
+    assert len(lines_a) == 15
+    assert lines_a == lines_b
+    assert torch.equal(ckpt_a["state_dict"]["ctx"], ckpt_b["state_dict"]["ctx"])
+    assert res_a["metrics"] == res_b["metrics"]
