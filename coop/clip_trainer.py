@@ -6,8 +6,10 @@ It adds two things to :class:`~coop.engine.TrainerX`, both driven by the ``FAST`
   features of an evaluation split are computed once, with the same batches and operations as
   the plain path (so the logits are bit-identical), and reused by later runs;
 - the opt-in training feature cache (``FAST.TRAIN_FEATURE_CACHE``, a documented deviation
-  from the protocol): features of a fixed number of augmented views per training image are
-  computed once, and each epoch trains the text side only on one view per image.
+  from the protocol): features of a fixed number of augmented views per training image,
+  seeded by the image and the view index, are kept per image on disk and shared by every
+  run (seed, shot count, method) that uses the image; each epoch trains the text side only
+  on one view per image.
 
 A subclass provides ``image_features(images) -> (B, E)`` (normalised) and
 ``logits_from_features(features) -> (B, n_cls)`` such that
@@ -24,7 +26,10 @@ from tqdm import tqdm
 
 from coop.engine import TrainerX
 from coop.feature_cache import (
+    TRAIN_VIEWS_FORMAT,
     FeatureCache,
+    SeededViews,
+    TrainViewCache,
     cache_key,
     default_cache_dir,
     draw_loader_seed,
@@ -117,35 +122,111 @@ class CLIPTrainer(TrainerX):
     def train_cache_enabled(self) -> bool:
         return bool(self.cfg.FAST.TRAIN_FEATURE_CACHE)
 
+    def _train_views_key(self, cache_root: str) -> Tuple[str, Dict[str, Any]]:
+        """The key of the training-view entry: everything the features depend on except
+        which images (the weights, the training transform, precision, batch shape, device)."""
+        import torchvision
+
+        cfg = self.cfg
+        parts = {
+            "kind": FEATURE_KIND,
+            "cache": "train-views",
+            "format": TRAIN_VIEWS_FORMAT,
+            "weights": self._weights_hash(cache_root),
+            "input": {k: cfg.INPUT[k] for k in sorted(cfg.INPUT)},
+            "transform": repr(self.dm.tfm_train),
+            "batch_size": cfg.DATALOADER.TEST.BATCH_SIZE,
+            "dtype": str(self.clip_dtype()),
+            "channels_last": self.image_channels_last(),
+            "device": self.device.type,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+        }
+        return cache_key(parts), parts
+
+    def _compute_train_views(
+        self, wrapper: Any, pairs: List[Tuple[int, int]]
+    ) -> List[torch.Tensor]:
+        """Features (on the CPU) of view ``v`` of image ``i`` for each ``(i, v)`` of ``pairs``.
+
+        The last batch is padded to the full batch size, so an image's features do not depend
+        on how many others share its batch (kernels are chosen by shape)."""
+        from coop.data import resolve_num_workers
+
+        bs = self.cfg.DATALOADER.TEST.BATCH_SIZE
+        loader = torch.utils.data.DataLoader(
+            SeededViews(wrapper, pairs),
+            batch_size=bs,
+            shuffle=False,
+            num_workers=resolve_num_workers(self.cfg.DATALOADER.NUM_WORKERS),
+            pin_memory=self.device.type == "cuda",
+        )
+        out: List[torch.Tensor] = []
+        # the loader draws its base seed from torch's generator: keep the run's stream intact
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for batch in tqdm(loader, desc="training feature cache", leave=False):
+                images = batch["img"]
+                n = images.shape[0]
+                if n < bs:
+                    pad = images.new_zeros((bs - n, *images.shape[1:]))
+                    images = torch.cat([images, pad])
+                feats = self.image_features(images.to(self.device))[:n]
+                out.extend(feats.cpu().unbind(0))
+        return out
+
     def _build_train_cache(self) -> None:
         """Features of ``TRAIN_CACHE_VIEWS`` augmented views of every training image,
-        (V, N, E), drawn in a private random stream so the run's own stream is untouched."""
-        from coop.data import DatasetWrapper, resolve_num_workers
+        (V, N, E), through the shared per-image cache of seeded views: only the views no
+        earlier run has stored are computed. The run's own random streams are untouched."""
+        from coop.data import DatasetWrapper
 
         views = self.cfg.FAST.TRAIN_CACHE_VIEWS
         if views < 1:
             raise ValueError(f"FAST.TRAIN_CACHE_VIEWS must be at least 1, got {views}")
         source = self.dm.dataset.train_x
-        wrapper = DatasetWrapper(self.cfg, source, transform=self.dm.tfm_train, is_train=True)
-        seed = self.cfg.SEED if self.cfg.SEED >= 0 else 0
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.K_TRANSFORMS = 1  # a view is one augmentation
+        cfg.DATALOADER.RETURN_IMG0 = False
+        cache_root = default_cache_dir(self.cfg.FAST.CACHE_DIR)
+        key, parts = self._train_views_key(cache_root)
+        cache = TrainViewCache(cache_root, key, parts)
+
+        files = [cache.image_file(d.impath) for d in source]
+        first: Dict[str, int] = {}  # file -> its first position in train_x (repeats share it)
+        for i, path in enumerate(files):
+            first.setdefault(path, i)
+        meta = cache.read_meta()
+        stored: Dict[str, torch.Tensor] = {}
+        if meta is not None:
+            for path, i in first.items():
+                feats = cache.load(path, meta, impath=source[i].impath)
+                if feats is not None:
+                    stored[path] = feats
+        have = {path: (stored[path].shape[0] if path in stored else 0) for path in first}
+        pairs = [(i, v) for path, i in first.items() for v in range(have[path], views)]
+        reused = sum(min(n, views) for n in have.values())
+
+        if pairs:
+            wrapper = DatasetWrapper(cfg, source, transform=self.dm.tfm_train, is_train=True)
+            computed = self._compute_train_views(wrapper, pairs)
+            rows: Dict[str, List[torch.Tensor]] = {}
+            for (i, _), feat in zip(pairs, computed):
+                rows.setdefault(files[i], []).append(feat)
+            updates = {
+                path: torch.cat([stored[path], torch.stack(new)])
+                if path in stored
+                else torch.stack(new)
+                for path, new in rows.items()
+            }
+            stored.update(cache.store(updates))
         logger.info(
             f"Training feature cache (opt-in deviation): {views} augmented views of "
-            f"{len(source)} images"
+            f"{len(source)} images; computed {len(pairs)} new views, reused {reused} from "
+            f"{cache.folder}"
         )
-        feats = []
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            for _ in tqdm(range(views), desc="training feature cache", leave=False):
-                loader = torch.utils.data.DataLoader(
-                    wrapper,
-                    batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE,
-                    shuffle=False,
-                    num_workers=resolve_num_workers(self.cfg.DATALOADER.NUM_WORKERS),
-                    pin_memory=self.device.type == "cuda",
-                )
-                view = [self.image_features(b["img"].to(self.device)) for b in loader]
-                feats.append(torch.cat(view))
-        self._train_feats = torch.stack(feats)  # (V, N, E)
+        feats = torch.stack([stored[path][:views] for path in files], dim=1)
+        self._train_feats = feats.to(self.device)  # (V, N, E)
         self._train_labels = torch.tensor([d.label for d in source], device=self.device)
 
     def run_epoch(self) -> None:

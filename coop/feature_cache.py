@@ -1,4 +1,4 @@
-"""A disk cache of frozen image features for evaluation splits.
+"""Disk caches of frozen image features: evaluation splits and seeded training views.
 
 The image encoder is frozen, so the features of a test split depend only on the weights, the
 images, the test transform, the precision, the batch partition and the device. They are
@@ -7,15 +7,22 @@ key is a SHA-256 over all of these (the weights by content hash, each image by p
 and modification time), so any change gives a new entry. Entries hold tensors only (loaded
 with ``weights_only=True``), are written atomically under a file lock, and concurrent runs
 share them safely.
+
+The opt-in training feature cache (:class:`TrainViewCache`) keeps, per training image, the
+features of its augmented views 0, 1, ...; view ``v`` is drawn with a seed that depends only
+on the image's path and ``v`` (:func:`view_seed`), so the runs of a sweep (seeds, shot
+counts, methods) share the views of the images their few-shot subsets have in common.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import random
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -116,3 +123,139 @@ def draw_loader_seed() -> None:
     """Consume the one int64 that creating a DataLoader iterator draws from torch's global
     generator, so skipping a pass over a loader leaves the random stream as the original's."""
     torch.empty((), dtype=torch.int64).random_()
+
+
+# --------------------------------------------------------------------------------------
+# Training views (FAST.TRAIN_FEATURE_CACHE)
+# --------------------------------------------------------------------------------------
+
+TRAIN_VIEWS_FORMAT = 1
+
+
+def view_seed(impath: str, view: int) -> int:
+    """The seed of augmented view ``view`` of an image: a function of the image's absolute
+    path and ``view`` only (not of the run's seed, shot count or the image's position)."""
+    digest = hashlib.sha256(f"{os.path.abspath(impath)}|{view}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@contextlib.contextmanager
+def seeded_random(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator and Python's ``random`` seeded with ``seed``;
+    both streams are restored afterwards (CUDA generators are not touched)."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            yield
+    finally:
+        random.setstate(state)
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Item ``j`` is view ``pairs[j][1]`` of image ``pairs[j][0]`` of ``wrapper`` (a
+    :class:`~coop.data.DatasetWrapper` with the training transform), augmented under
+    :func:`view_seed`, as ``{"img": tensor, "pos": j}``. The seeding happens per item, so
+    the views are the same with any number of DataLoader workers."""
+
+    def __init__(self, wrapper: Any, pairs: Sequence[Tuple[int, int]]) -> None:
+        self.wrapper = wrapper
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j: int) -> Dict[str, Any]:
+        idx, view = self.pairs[j]
+        with seeded_random(view_seed(self.wrapper.data_source[idx].impath, view)):
+            item = self.wrapper[idx]
+        return {"img": item["img"], "pos": j}
+
+
+class TrainViewCache:
+    """Features of seeded training views, one file per image, under
+    ``<root>/train_views/<key>/``.
+
+    The key covers everything the features depend on except which images are used, so runs
+    of any seed, shot count or method that share the backbone, precision and training
+    transform share the entry. ``<sha256(path|size|mtime_ns)>.pt`` holds a (V_i, E) tensor of
+    an image's views 0..V_i-1; ``meta.json`` records E, the dtype and the key's parts. Views
+    are only ever appended: a file is rewritten (atomically, under the entry's lock) with its
+    existing views kept as they are, so every run reads the same features for a given view.
+    """
+
+    def __init__(self, root: str, key: str, parts: Dict[str, Any]) -> None:
+        self.folder = os.path.join(root, "train_views", key)
+        self.parts = parts
+        self.meta_path = os.path.join(self.folder, "meta.json")
+
+    def image_file(self, impath: str) -> str:
+        st = os.stat(impath)
+        ident = f"{os.path.abspath(impath)}|{st.st_size}|{st.st_mtime_ns}"
+        return os.path.join(self.folder, hashlib.sha256(ident.encode()).hexdigest() + ".pt")
+
+    def read_meta(self) -> Optional[Tuple[int, str]]:
+        """``(E, dtype)`` of the entry, or ``None`` when it has no readable ``meta.json``."""
+        if not os.path.isfile(self.meta_path):
+            return None
+        try:
+            with open(self.meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            return int(meta["dim"]), str(meta["dtype"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning(f"Ignoring the unreadable {self.meta_path} ({e}); recomputing views")
+            return None
+
+    def load(
+        self, path: str, meta: Tuple[int, str], impath: str = "", warn: bool = True
+    ) -> Optional[torch.Tensor]:
+        """The (V_i, E) views stored in ``path``; ``None`` when it is missing or damaged
+        (a damaged file is reported when ``warn``)."""
+        if not os.path.isfile(path):
+            return None
+        dim, dtype = meta
+        try:
+            try:
+                feats = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch's messages run over many lines
+                raise ValueError(f"not a readable tensor file: {type(e).__name__}") from e
+            if not isinstance(feats, torch.Tensor):
+                raise ValueError(f"holds a {type(feats).__name__}, not a tensor")
+            if feats.dim() != 2 or feats.shape[0] < 1 or feats.shape[1] != dim:
+                raise ValueError(f"shape {tuple(feats.shape)}, expected (views, {dim})")
+            if str(feats.dtype) != dtype:
+                raise ValueError(f"dtype {feats.dtype}, expected {dtype}")
+        except Exception as e:  # noqa: BLE001 - a damaged file is recomputed, not trusted
+            if warn:
+                logger.warning(
+                    f"Recomputing the training views of {impath or path}: the cache file "
+                    f"{path} is damaged ({e})"
+                )
+            return None
+        return feats
+
+    def store(self, updates: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Write each ``path -> (V_i, E)`` of ``updates`` unless the file already holds at
+        least as many views; views already on disk win over the given ones. Returns the
+        features now on disk for each path (what the run must use)."""
+        if not updates:
+            return {}
+        first = next(iter(updates.values()))
+        meta = (int(first.shape[1]), str(first.dtype))
+        out: Dict[str, torch.Tensor] = {}
+        with file_lock(self.meta_path):
+            if self.read_meta() != meta:
+                record = {"dim": meta[0], "dtype": meta[1], "parts": self.parts}
+                atomic_write_json(self.meta_path, json.loads(json.dumps(record, default=str)))
+            for path, feats in updates.items():
+                disk = self.load(path, meta, warn=False)
+                n = 0 if disk is None else disk.shape[0]
+                if disk is not None and n >= feats.shape[0]:
+                    out[path] = disk
+                    continue
+                merged = feats if disk is None else torch.cat([disk, feats[n:]])
+                merged = merged.contiguous().clone()
+                atomic_torch_save(merged, path)
+                out[path] = merged
+        return out
