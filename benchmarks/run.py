@@ -134,6 +134,7 @@ class Plan:
     tmp: str = ""
     _clips: Dict[Tuple[str, str], Any] = field(default_factory=dict)
     _memory: Dict[Tuple[str, bool], Any] = field(default_factory=dict)
+    _plain_small: Dict[str, Tuple[float, float]] = field(default_factory=dict)
 
     @property
     def cuda(self) -> bool:
@@ -558,7 +559,8 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
                     None,
                     (">=", tgt) if tgt else None,
                     note=f"fast step {_fmt_amount(tf, 's')}, image forward alone "
-                    f"{_fmt_amount(ti, 's')}; see memory_1000",
+                    f"{_fmt_amount(ti, 's')}; see memory_1000"
+                    + _extrapolated_plain(plan, key, n_cls, tf),
                     skip=no_fit,
                 )
             )
@@ -577,6 +579,7 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
             )
         )
         if not large:
+            plan._plain_small[key] = (tp, t["image_plain"][0])
             rows.append(
                 row(
                     case,
@@ -593,6 +596,19 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
                 )
             )
     return {"rows": rows, "times": info}
+
+
+def _extrapolated_plain(plan: Plan, key: str, n_cls: int, fast: float) -> str:
+    """An estimate (never judged) of a plain step that cannot run here: its text side grows
+    linearly with the class count, so scale the measured 100-class plain text side."""
+    if key not in plan._plain_small:
+        return ""
+    step, image = plan._plain_small[key]
+    est = image + (step - image) * n_cls / plan.n_small
+    return (
+        f"; the plain step extrapolated from {plan.n_small} classes (text side x "
+        f"{n_cls // plan.n_small}): ~{_fmt_amount(est, 's')}, i.e. ~{est / fast:.1f}x"
+    )
 
 
 def _image_side_note(model) -> str:
