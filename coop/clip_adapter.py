@@ -21,7 +21,7 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -593,25 +593,32 @@ class TextEncoder(nn.Module):
         return x
 
 
-def _block_attention(
+def _attention(
     block: nn.Module, h_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Multi-head attention of a CLIP residual block on already-projected keys/values.
+    """Multi-head attention of a CLIP residual block on already-projected queries, keys and
+    values, before ``out_proj``.
 
-    ``h_q`` (n, S, D) queries' projections, ``k``/``v`` (n, T, D), ``mask`` (S, T) bool
-    (True = may attend). Returns the attention output after ``out_proj``, (n, S, D).
+    ``h_q`` (n, S, D), ``k``/``v`` (n, T, D), ``mask`` (S, T) bool (True = may attend).
+    Returns (n, S, D).
     """
-    attn = block.attn
     n, s, d = h_q.shape
     t = k.shape[1]
-    heads = attn.num_heads
+    heads = block.attn.num_heads
     hd = d // heads
-    q = h_q.view(n, s, heads, hd).transpose(1, 2)
+    q = h_q.reshape(n, s, heads, hd).transpose(1, 2)
     k = k.reshape(n, t, heads, hd).transpose(1, 2)
     v = v.reshape(n, t, heads, hd).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(n, s, d)
-    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    return out.transpose(1, 2).reshape(n, s, d)
+
+
+def _block_attention(
+    block: nn.Module, h_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_attention` followed by the block's ``out_proj``."""
+    out = _attention(block, h_q, k, v, mask)
+    return F.linear(out, block.attn.out_proj.weight, block.attn.out_proj.bias)
 
 
 def _qkv(block: nn.Module, x: torch.Tensor):
@@ -638,28 +645,64 @@ def encode_prefix(
 
 
 def encode_suffix(
-    transformer: nn.Module, x_s: torch.Tensor, kvs: list[tuple[torch.Tensor, torch.Tensor]]
+    transformer: nn.Module,
+    x: torch.Tensor,
+    groups: Sequence[Tuple[int, int]],
+    kvs: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    """The last position's output, (n, D), of per-class suffixes (n, S, D) that follow a
-    shared prefix whose per-layer keys/values are ``kvs``; causal within the suffix, full on
-    the prefix. In the last layer only the last position is computed beyond its key/value."""
-    n, s, d = x_s.shape
+    """The outputs at each class's last position, (n, D), of per-class suffixes that follow
+    a shared prefix whose per-layer keys/values are ``kvs``.
+
+    ``x`` (T, D) holds the suffixes packed: ``groups`` lists (classes, length) pairs, and
+    group ``j`` contributes its classes' tokens one class after another. Every per-token
+    operation (layer norms, projections, MLP) runs once per layer over all the packed tokens;
+    only the attention (causal within a suffix, full on the prefix) runs per group. In the
+    last layer only each class's last position is computed beyond its key/value.
+    """
+    d = x.shape[-1]
     p = kvs[0][0].shape[1]
-    mask = torch.ones(s, p + s, dtype=torch.bool, device=x_s.device)
-    mask[:, p:] = torch.ones(s, s, dtype=torch.bool, device=x_s.device).tril()
+    spans = []  # (first row, classes, length) of each group
+    row = 0
+    for n_g, length in groups:
+        spans.append((row, n_g, length))
+        row += n_g * length
+    last = torch.cat(
+        [
+            torch.arange(n_g, device=x.device) * length + start + length - 1
+            for start, n_g, length in spans
+        ]
+    )
+    masks = {}
+    for _, _, length in spans:
+        if length not in masks:
+            mask = torch.ones(length, p + length, dtype=torch.bool, device=x.device)
+            mask[:, p:] = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            masks[length] = mask
     blocks = list(transformer.resblocks)
     for i, (block, (k_p, v_p)) in enumerate(zip(blocks, kvs)):
-        h = block.ln_1(x_s)
+        final = i + 1 == len(blocks)
+        h = block.ln_1(x)
         w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
         k, v = F.linear(h, w[d:], b[d:]).chunk(2, dim=-1)
-        k = torch.cat([k_p.expand(n, -1, -1), k], dim=1)
-        v = torch.cat([v_p.expand(n, -1, -1), v], dim=1)
-        if i + 1 == len(blocks):  # only the last position's output is used
-            x_s, h, mask = x_s[:, -1:], h[:, -1:], mask[-1:]
+        if final:  # only the last positions' outputs are used
+            x, h = x[last], h[last]
         q = F.linear(h, w[:d], b[:d])
-        x_s = x_s + _block_attention(block, q, k, v, mask)
-        x_s = x_s + block.mlp(block.ln_2(x_s))
-    return x_s[:, -1]
+        outs = []
+        q_row = 0
+        for start, n_g, length in spans:
+            rows = slice(start, start + n_g * length)
+            k_g = torch.cat([k_p.expand(n_g, -1, -1), k[rows].reshape(n_g, length, d)], dim=1)
+            v_g = torch.cat([v_p.expand(n_g, -1, -1), v[rows].reshape(n_g, length, d)], dim=1)
+            if final:
+                q_g, mask = q[q_row : q_row + n_g].reshape(n_g, 1, d), masks[length][-1:]
+                q_row += n_g
+            else:
+                q_g, mask = q[rows].reshape(n_g, length, d), masks[length]
+            outs.append(_attention(block, q_g, k_g, v_g, mask).reshape(-1, d))
+        att = outs[0] if len(outs) == 1 else torch.cat(outs)
+        x = x + F.linear(att, block.attn.out_proj.weight, block.attn.out_proj.bias)
+        x = x + block.mlp(block.ln_2(x))
+    return x
 
 
 class SharedPrefixTextEncoder(TextEncoder):
@@ -683,7 +726,7 @@ class SharedPrefixTextEncoder(TextEncoder):
     ) -> torch.Tensor:
         """``prefix`` (P, D) shared embeddings, ``suffix`` (n, 77 - P, D) per-class
         embeddings, ``tokenized_prompts`` (n, 77) -> text features (n, embed_dim)."""
-        p = prefix.shape[0]
+        p, d = prefix.shape
         pos = self.positional_embedding.type(self.dtype)
         eot = tokenized_prompts.argmax(dim=-1)  # (n,)
         if int(eot.min()) < p:
@@ -693,32 +736,40 @@ class SharedPrefixTextEncoder(TextEncoder):
         flat = [t for kv in kvs for t in kv]
         checkpointing = bool(self.class_chunk) and torch.is_grad_enabled()
 
-        def run(xs: torch.Tensor, *flat_kvs: torch.Tensor) -> torch.Tensor:
-            # (g, L, D) suffixes of one length L -> (g, embed_dim) features at their EOT
+        def run(xs: torch.Tensor, groups: List[Tuple[int, int]], *flat_kvs: torch.Tensor):
+            # packed suffixes -> (classes, embed_dim) features at their end-of-text tokens
             pairs = list(zip(flat_kvs[0::2], flat_kvs[1::2]))
-            h = encode_suffix(self.transformer, xs, pairs)
+            h = encode_suffix(self.transformer, xs, groups, pairs)
             return self.ln_final(h).type(self.dtype) @ self.text_projection
 
-        # classes grouped by length, so each runs only up to its own end-of-text token
+        # classes sorted by length, so each runs only up to its own end-of-text token
         lengths = eot - p + 1
         order = torch.argsort(lengths, stable=True)
         sorted_lengths = lengths[order].tolist()
+        n = len(sorted_lengths)
+        chunked = checkpointing and n > self.class_chunk
+        step = self.class_chunk if chunked else n
         outs = []
-        start = 0
-        while start < len(sorted_lengths):
-            length = sorted_lengths[start]
-            stop = start
-            while stop < len(sorted_lengths) and sorted_lengths[stop] == length:
-                stop += 1
-            step = self.class_chunk if checkpointing else stop - start
-            for a in range(start, stop, step):
-                idx = order[a : min(a + step, stop)]
-                xs = suffix[idx, :length] + pos[p : p + length]
-                if checkpointing and len(sorted_lengths) > self.class_chunk:
-                    from torch.utils.checkpoint import checkpoint
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            groups: List[Tuple[int, int]] = []
+            parts = []
+            g = a
+            while g < b:
+                length = sorted_lengths[g]
+                stop = g
+                while stop < b and sorted_lengths[stop] == length:
+                    stop += 1
+                idx = order[g:stop]
+                parts.append((suffix[idx, :length] + pos[p : p + length]).reshape(-1, d))
+                groups.append((stop - g, length))
+                g = stop
+            xs = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if chunked:
+                from torch.utils.checkpoint import checkpoint
 
-                    outs.append(checkpoint(run, xs, *flat, use_reentrant=False))
-                else:
-                    outs.append(run(xs, *flat))
-            start = stop
-        return torch.cat(outs)[torch.argsort(order)]
+                outs.append(checkpoint(run, xs, groups, *flat, use_reentrant=False))
+            else:
+                outs.append(run(xs, groups, *flat))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out[torch.argsort(order)]
