@@ -109,6 +109,28 @@ def test_channels_last_resnet_encoder_matches_plain(tiny_rn, clip32):
     assert not CustomCLIP(_cfg(), NAMES, clip32).channels_last
 
 
+def test_resnet_training_fast_matches_plain(data_root, tiny_rn, tmp_path):
+    """Channels-last encoder, shared-prefix text side, persistent workers: same losses,
+    context and accuracy as the plain path, up to float rounding."""
+    runs = {}
+    for fast in ("False", "True"):
+        out = str(tmp_path / fast)
+        argv = coop_argv(
+            data_root, out, tiny_rn, 1, 4, "OPTIM.MAX_EPOCH", "2",
+            "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "TRAIN.PRINT_FREQ", "1", "FAST.ENABLED", fast,
+        )  # fmt: skip
+        argv[argv.index("DATALOADER.NUM_WORKERS") + 1] = "1"
+        assert main(argv) == 0
+        ckpt = torch.load(os.path.join(out, "prompt_learner", "model.pth.tar-2"), weights_only=True)
+        lines = loss_lines(os.path.join(out, "log.txt"))
+        runs[fast] = ([float(x.split()[5]) for x in lines], ckpt["state_dict"]["ctx"], out)
+    (lp, cp, op), (lf, cf, of) = runs["False"], runs["True"]
+    assert len(lp) == len(lf) == 10
+    assert lf == pytest.approx(lp, abs=2e-4)
+    assert torch.allclose(cf, cp, atol=1e-4) and not torch.equal(cp, torch.zeros_like(cp))
+    assert read_results(of)["metrics"] == pytest.approx(read_results(op)["metrics"], abs=1e-6)
+
+
 def test_zeroshot_resnet_fast_matches_plain(data_root, tiny_rn, tmp_path):
     metrics = {}
     for fast in ("False", "True"):
