@@ -11,6 +11,7 @@ Nothing is imported or loaded at module import time beyond the standard library 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import importlib
 import importlib.util
@@ -322,13 +323,14 @@ def clip_args_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> tuple:
     )
 
 
-def _build_without_init(clip_mod: types.ModuleType, state_dict: Dict[str, torch.Tensor]):
+def _build_without_init(
+    clip_mod: types.ModuleType, state_dict: Dict[str, torch.Tensor], args: tuple
+):
     """What ``build_model`` returns, built without running (or drawing random numbers for)
-    the initialisers whose values the checkpoint overwrites anyway: the module is created on
-    the meta device, given empty CPU storage, cast like ``convert_weights`` and loaded
-    strictly. None if anything is left unmaterialised (an unknown CLIP version)."""
+    the initialisers whose values the checkpoint overwrites anyway: the module (``CLIP(*args)``)
+    is created on the meta device, given empty CPU storage, cast like ``convert_weights`` and
+    loaded strictly. None if anything is left unmaterialised (an unknown CLIP version)."""
     model_mod = importlib.import_module(clip_mod.__name__.rsplit(".", 1)[0] + ".model")
-    args = clip_args_from_state_dict(state_dict)
     with torch.device("meta"):
         model = model_mod.CLIP(*args)
     model = model.to_empty(device="cpu")
@@ -347,8 +349,6 @@ def _build_without_init(clip_mod: types.ModuleType, state_dict: Dict[str, torch.
 
 
 def _memo_path(memo_dir: str, args: tuple, rng_before: torch.Tensor) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     h.update(f"clip-init-rng|{_INIT_MEMO_VERSION}|{torch.__version__}|{args!r}|".encode())
     h.update(rng_before.numpy().tobytes())
@@ -357,8 +357,6 @@ def _memo_path(memo_dir: str, args: tuple, rng_before: torch.Tensor) -> str:
 
 def _read_rng_state(path: str, like: torch.Tensor) -> Optional[torch.Tensor]:
     """A remembered generator state (a SHA-256 of the state, then the state), or None."""
-    import hashlib
-
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -372,8 +370,6 @@ def _read_rng_state(path: str, like: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _write_rng_state(path: str, state: torch.Tensor) -> None:
-    import hashlib
-
     from coop.io import atomic_write_bytes
 
     data = state.numpy().tobytes()
@@ -397,7 +393,7 @@ def _build_model_memoised(
     path = _memo_path(memo_dir, args, before)
     after = _read_rng_state(path, before)
     if after is not None:
-        model = _build_without_init(clip_mod, state_dict)
+        model = _build_without_init(clip_mod, state_dict, args)
         if model is not None:
             torch.set_rng_state(after)
             return model

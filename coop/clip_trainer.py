@@ -74,12 +74,24 @@ class CLIPTrainer(TrainerX):
         path = resolve_weights(self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.CACHE_DIR)
         return file_sha256(path, cache_root)
 
+    def _encoder_key_parts(self, cache_root: str) -> Dict[str, Any]:
+        """What any cached image feature depends on besides its images and transform: the
+        feature kind, the weights' content, the precision, the memory format, the device
+        and the torch version."""
+        return {
+            "kind": FEATURE_KIND,
+            "weights": self._weights_hash(cache_root),
+            "dtype": str(self.clip_dtype()),
+            "channels_last": self.image_channels_last(),
+            "device": self.device.type,
+            "torch": torch.__version__,
+        }
+
     def _eval_key(self, data_loader: Any, cache_root: str) -> Tuple[str, Dict[str, Any]]:
         cfg = self.cfg
         source = data_loader.dataset.data_source
         parts = {
-            "kind": FEATURE_KIND,
-            "weights": self._weights_hash(cache_root),
+            **self._encoder_key_parts(cache_root),
             "split": split_fingerprint([d.impath for d in source], [d.label for d in source]),
             "size": list(cfg.INPUT.SIZE),
             "interpolation": cfg.INPUT.INTERPOLATION,
@@ -88,10 +100,6 @@ class CLIPTrainer(TrainerX):
             "normalize": "normalize" in cfg.INPUT.TRANSFORMS,
             "no_transform": cfg.INPUT.NO_TRANSFORM,
             "batch_size": data_loader.batch_size,
-            "dtype": str(self.clip_dtype()),
-            "channels_last": self.image_channels_last(),
-            "device": self.device.type,
-            "torch": torch.__version__,
         }
         return cache_key(parts), parts
 
@@ -129,17 +137,12 @@ class CLIPTrainer(TrainerX):
 
         cfg = self.cfg
         parts = {
-            "kind": FEATURE_KIND,
+            **self._encoder_key_parts(cache_root),
             "cache": "train-views",
             "format": TRAIN_VIEWS_FORMAT,
-            "weights": self._weights_hash(cache_root),
             "input": {k: cfg.INPUT[k] for k in sorted(cfg.INPUT)},
             "transform": repr(self.dm.tfm_train),
             "batch_size": cfg.DATALOADER.TEST.BATCH_SIZE,
-            "dtype": str(self.clip_dtype()),
-            "channels_last": self.image_channels_last(),
-            "device": self.device.type,
-            "torch": torch.__version__,
             "torchvision": torchvision.__version__,
         }
         return cache_key(parts), parts

@@ -47,11 +47,17 @@ def _read_memo(memo_path: str) -> Dict[str, str]:
         return {}
 
 
+def file_identity(path: str) -> str:
+    """``absolute path|size|mtime_ns``: what the caches take a file to be (a changed file
+    gets a new identity)."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def file_sha256(path: str, cache_dir: str) -> str:
     """SHA-256 of a file, memoised in ``cache_dir`` by (path, size, mtime)."""
-    st = os.stat(path)
     memo_path = os.path.join(cache_dir, "file_hashes.json")
-    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    ident = file_identity(path)
     known = _read_memo(memo_path).get(ident)
     if known is not None:
         return known
@@ -67,8 +73,7 @@ def split_fingerprint(impaths: Sequence[str], labels: Sequence[int]) -> str:
     """SHA-256 over every image's path, size, modification time and label, in order."""
     h = hashlib.sha256()
     for path, label in zip(impaths, labels):
-        st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{int(label)}\n".encode())
+        h.update(f"{file_identity(path)}|{int(label)}\n".encode())
     return h.hexdigest()
 
 
@@ -191,8 +196,7 @@ class TrainViewCache:
         self.meta_path = os.path.join(self.folder, "meta.json")
 
     def image_file(self, impath: str) -> str:
-        st = os.stat(impath)
-        ident = f"{os.path.abspath(impath)}|{st.st_size}|{st.st_mtime_ns}"
+        ident = file_identity(impath)
         return os.path.join(self.folder, hashlib.sha256(ident.encode()).hexdigest() + ".pt")
 
     def read_meta(self) -> Optional[Tuple[int, str]]:

@@ -46,6 +46,12 @@ def load_clip_for(cfg) -> nn.Module:
     return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR, init_memo_dir=memo)
 
 
+def channels_last_for(cfg, visual: nn.Module) -> bool:
+    """``FAST.CHANNELS_LAST``: store a ResNet image encoder channels-last (in place);
+    returns whether its inputs must be made channels-last too."""
+    return bool(cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(visual))
+
+
 class PromptLearner(nn.Module):
     """The learnable context and the fixed token embeddings of the class-name prompts."""
 
@@ -191,9 +197,7 @@ class CustomCLIP(nn.Module):
         chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
         self.text_encoder = TextEncoder(clip_model, eot_truncate=self.text_mode == "truncate")
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
-        self.channels_last = bool(
-            cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(self.image_encoder)
-        )
+        self.channels_last = channels_last_for(cfg, self.image_encoder)
         if self.text_mode != "plain":
             logger.info(f"Text encoder fast path: {self.text_mode}")
 

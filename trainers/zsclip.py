@@ -8,10 +8,10 @@ from typing import List
 
 import torch
 
-from coop.clip_adapter import channels_last_input, tokenize, use_channels_last
+from coop.clip_adapter import channels_last_input, tokenize
 from coop.clip_trainer import CLIPTrainer
 from coop.registry import TRAINER_REGISTRY
-from coop.trainers.coop import load_clip_for
+from coop.trainers.coop import channels_last_for, load_clip_for
 from coop.trainers.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
 logger = logging.getLogger(__name__)
@@ -55,9 +55,7 @@ class ZeroshotCLIP(CLIPTrainer):
             text_features = text_features / text_features.norm(dim=-1, keepdim=True)
         self.text_features = text_features  # (n_cls, embed_dim)
         self.clip_model = clip_model
-        self.channels_last = bool(
-            cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(clip_model.visual)
-        )
+        self.channels_last = channels_last_for(cfg, clip_model.visual)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
