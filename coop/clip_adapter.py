@@ -22,7 +22,7 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -589,113 +589,100 @@ class TextEncoder(nn.Module):
         return x
 
 
-def _attention(
-    block: nn.Module, h_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Multi-head attention of a CLIP residual block on already-projected queries, keys and
-    values, before ``out_proj``.
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(n, S, D) -> (n, heads, S, D / heads)."""
+    n, s, d = t.shape
+    return t.reshape(n, s, heads, d // heads).transpose(1, 2)
 
-    ``h_q`` (n, S, D), ``k``/``v`` (n, T, D), ``mask`` (S, T) bool (True = may attend).
-    Returns (n, S, D).
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(n, heads, S, hd) -> (n, S, heads * hd)."""
+    n, h, s, hd = t.shape
+    return t.transpose(1, 2).reshape(n, s, h * hd)
+
+
+# Query rows per attention problem of the class suffixes: classes are attended to in blocks
+# of about this many padded tokens (a block-diagonal causal mask keeps them apart), far fewer
+# and larger problems than one per class.
+_SUFFIX_BLOCK_ROWS = 24
+
+
+def encode_shared_prefix(
+    transformer: nn.Module, x_p: torch.Tensor, x_s: torch.Tensor, lengths: Sequence[int]
+) -> torch.Tensor:
+    """The last layer's outputs at each class's last position, (n, D), of prompts made of a
+    shared prefix followed by per-class suffixes, under CLIP's causal mask.
+
+    ``x_p`` (P, D) is the prefix's input (embeddings plus positions), ``x_s`` (T, D) the
+    suffixes' inputs packed one class after another, ``lengths`` the n suffix lengths (summing
+    to T). Prefix and suffix rows go through every per-token operation (layer norms,
+    projections, MLP) together, once per layer. The attention runs twice per layer: once for
+    the prefix (causal), and once for all the classes, each padded to the longest suffix and
+    grouped in blocks; a token attends to the prefix's keys and values and, causally, to its
+    own class's. In the last layer only each class's last position is computed beyond its key
+    and value.
     """
-    n, s, d = h_q.shape
-    t = k.shape[1]
-    heads = block.attn.num_heads
-    hd = d // heads
-    q = h_q.reshape(n, s, heads, hd).transpose(1, 2)
-    k = k.reshape(n, t, heads, hd).transpose(1, 2)
-    v = v.reshape(n, t, heads, hd).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).reshape(n, s, d)
+    p, d = x_p.shape
+    n, lm = len(lengths), max(lengths)
+    dev = x_s.device
+    c = max(1, min(n, _SUFFIX_BLOCK_ROWS // lm))  # classes per block
+    nb = -(-n // c)
+    ln = torch.tensor(list(lengths) + [1] * (nb * c - n), device=dev)  # padded with dummies
+    starts = p + torch.cumsum(ln, 0) - ln  # first row of each class in cat(x_p, x_s)
+    starts[n:] = 0  # dummy classes read row 0; they are masked as keys, dropped as queries
+    j = torch.arange(lm, device=dev)
+    valid = j[None, :] < ln[:, None]  # (classes, lm): real tokens of each padded suffix
+    # row of every padded slot; padding repeats the class's last row
+    rows = (starts[:, None] + torch.minimum(j[None, :], (ln - 1)[:, None])).view(-1)
+    real = valid[:n].reshape(-1).nonzero().squeeze(1)  # padded slots back to packed order
+    last = starts + ln - 1
+    # block masks: prefix always; within a block only the same class, causally, real keys
+    slot_cls = torch.arange(c, device=dev).repeat_interleave(lm)
+    slot_pos = j.repeat(c)
+    key_ok = valid.view(nb, 1, c * lm)
+    same = slot_cls[:, None] == slot_cls[None, :]
+    see_prefix = torch.ones(nb, c * lm, p, dtype=torch.bool, device=dev)
+    mask = (same & (slot_pos[:, None] >= slot_pos[None, :]))[None] & key_ok
+    mask = torch.cat([see_prefix, mask], dim=-1).unsqueeze(1)  # (nb, 1, c*lm, p + c*lm)
+    last_mask = (torch.arange(c, device=dev)[:, None] == slot_cls[None, :])[None] & key_ok
+    last_mask = torch.cat([see_prefix[:, :c], last_mask], dim=-1).unsqueeze(1)
 
-
-def _block_attention(
-    block: nn.Module, h_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """:func:`_attention` followed by the block's ``out_proj``."""
-    out = _attention(block, h_q, k, v, mask)
-    return F.linear(out, block.attn.out_proj.weight, block.attn.out_proj.bias)
-
-
-def _qkv(block: nn.Module, x: torch.Tensor):
-    h = block.ln_1(x)
-    return F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
-
-
-def encode_prefix(
-    transformer: nn.Module, x_p: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's (key, value) projections, (1, P, D) each, of a shared prefix (1, P, D)
-    under the causal mask. (The prefix's own output after the last layer is never needed.)"""
-    p = x_p.shape[1]
-    mask = torch.ones(p, p, dtype=torch.bool, device=x_p.device).tril()
-    kvs = []
+    x = torch.cat([x_p, x_s])
     blocks = list(transformer.resblocks)
     for i, block in enumerate(blocks):
-        q, k, v = _qkv(block, x_p)
-        kvs.append((k, v))
-        if i + 1 < len(blocks):
-            x_p = x_p + _block_attention(block, q, k, v, mask)
-            x_p = x_p + block.mlp(block.ln_2(x_p))
-    return kvs
-
-
-def encode_suffix(
-    transformer: nn.Module,
-    x: torch.Tensor,
-    groups: Sequence[Tuple[int, int]],
-    kvs: list[tuple[torch.Tensor, torch.Tensor]],
-) -> torch.Tensor:
-    """The outputs at each class's last position, (n, D), of per-class suffixes that follow
-    a shared prefix whose per-layer keys/values are ``kvs``.
-
-    ``x`` (T, D) holds the suffixes packed: ``groups`` lists (classes, length) pairs, and
-    group ``j`` contributes its classes' tokens one class after another. Every per-token
-    operation (layer norms, projections, MLP) runs once per layer over all the packed tokens;
-    only the attention (causal within a suffix, full on the prefix) runs per group. In the
-    last layer only each class's last position is computed beyond its key/value.
-    """
-    d = x.shape[-1]
-    p = kvs[0][0].shape[1]
-    spans = []  # (first row, classes, length) of each group
-    row = 0
-    for n_g, length in groups:
-        spans.append((row, n_g, length))
-        row += n_g * length
-    last = torch.cat(
-        [
-            torch.arange(n_g, device=x.device) * length + start + length - 1
-            for start, n_g, length in spans
-        ]
-    )
-    masks = {}
-    for _, _, length in spans:
-        if length not in masks:
-            mask = torch.ones(length, p + length, dtype=torch.bool, device=x.device)
-            mask[:, p:] = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-            masks[length] = mask
-    blocks = list(transformer.resblocks)
-    for i, (block, (k_p, v_p)) in enumerate(zip(blocks, kvs)):
         final = i + 1 == len(blocks)
-        h = block.ln_1(x)
+        heads = block.attn.num_heads
         w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-        k, v = F.linear(h, w[d:], b[d:]).chunk(2, dim=-1)
+        h = block.ln_1(x)
         if final:  # only the last positions' outputs are used
-            x, h = x[last], h[last]
-        q = F.linear(h, w[:d], b[:d])
-        outs = []
-        q_row = 0
-        for start, n_g, length in spans:
-            rows = slice(start, start + n_g * length)
-            k_g = torch.cat([k_p.expand(n_g, -1, -1), k[rows].reshape(n_g, length, d)], dim=1)
-            v_g = torch.cat([v_p.expand(n_g, -1, -1), v[rows].reshape(n_g, length, d)], dim=1)
-            if final:
-                q_g, mask = q[q_row : q_row + n_g].reshape(n_g, 1, d), masks[length][-1:]
-                q_row += n_g
-            else:
-                q_g, mask = q[rows].reshape(n_g, length, d), masks[length]
-            outs.append(_attention(block, q_g, k_g, v_g, mask).reshape(-1, d))
-        att = outs[0] if len(outs) == 1 else torch.cat(outs)
+            k, v = F.linear(h, w[d:], b[d:]).chunk(2, dim=-1)
+        else:
+            q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
+        # (index_select, whose backward is a plain index_add, rather than indexing)
+        k_s = torch.cat([k[:p].expand(nb, p, d), k.index_select(0, rows).view(nb, -1, d)], 1)
+        v_s = torch.cat([v[:p].expand(nb, p, d), v.index_select(0, rows).view(nb, -1, d)], 1)
+        k_s, v_s = _split_heads(k_s, heads), _split_heads(v_s, heads)
+        if final:
+            q_l = F.linear(h.index_select(0, last), w[:d], b[:d]).view(nb, c, d)
+            q_l = _split_heads(q_l, heads)
+            a_l = F.scaled_dot_product_attention(q_l, k_s, v_s, attn_mask=last_mask)
+            att = _merge_heads(a_l).reshape(nb * c, d)[:n]
+            x = x.index_select(0, last[:n])
+        else:
+            a_p = F.scaled_dot_product_attention(
+                _split_heads(q[None, :p], heads),
+                _split_heads(k[None, :p], heads),
+                _split_heads(v[None, :p], heads),
+                is_causal=True,
+            )
+            a_s = F.scaled_dot_product_attention(
+                _split_heads(q.index_select(0, rows).view(nb, -1, d), heads),
+                k_s,
+                v_s,
+                attn_mask=mask,
+            )
+            a_s = _merge_heads(a_s).reshape(-1, d).index_select(0, real)
+            att = torch.cat([_merge_heads(a_p)[0], a_s])
         x = x + F.linear(att, block.attn.out_proj.weight, block.attn.out_proj.bias)
         x = x + block.mlp(block.ln_2(x))
     return x
@@ -727,45 +714,29 @@ class SharedPrefixTextEncoder(TextEncoder):
         eot = tokenized_prompts.argmax(dim=-1)  # (n,)
         if int(eot.min()) < p:
             raise ValueError("an end-of-text token lies inside the shared prefix")
-        x_p = (prefix + pos[:p]).unsqueeze(0)
-        kvs = encode_prefix(self.transformer, x_p)
-        flat = [t for kv in kvs for t in kv]
-        checkpointing = bool(self.class_chunk) and torch.is_grad_enabled()
+        x_p = prefix + pos[:p]
+        # each class runs only up to its own end-of-text token
+        lengths = (eot - p + 1).tolist()
+        n = len(lengths)
+        chunked = bool(self.class_chunk) and torch.is_grad_enabled() and n > self.class_chunk
+        step = self.class_chunk if chunked else n
 
-        def run(xs: torch.Tensor, groups: List[Tuple[int, int]], *flat_kvs: torch.Tensor):
-            # packed suffixes -> (classes, embed_dim) features at their end-of-text tokens
-            pairs = list(zip(flat_kvs[0::2], flat_kvs[1::2]))
-            h = encode_suffix(self.transformer, xs, groups, pairs)
+        def run(x_prefix: torch.Tensor, a: int, b: int) -> torch.Tensor:
+            # classes a..b-1 -> their features at the end-of-text tokens, (b - a, embed_dim)
+            lens = lengths[a:b]
+            lm = max(lens)
+            valid = torch.arange(lm, device=suffix.device)[None, :] < eot[a:b, None] - p + 1
+            padded = suffix[a:b, :lm] + pos[p : p + lm]
+            x_s = padded.reshape(-1, d)[valid.reshape(-1)]  # packed, one class after another
+            h = encode_shared_prefix(self.transformer, x_prefix, x_s, lens)
             return self.ln_final(h).type(self.dtype) @ self.text_projection
 
-        # classes sorted by length, so each runs only up to its own end-of-text token
-        lengths = eot - p + 1
-        order = torch.argsort(lengths, stable=True)
-        sorted_lengths = lengths[order].tolist()
-        n = len(sorted_lengths)
-        chunked = checkpointing and n > self.class_chunk
-        step = self.class_chunk if chunked else n
-        outs = []
-        for a in range(0, n, step):
-            b = min(a + step, n)
-            groups: List[Tuple[int, int]] = []
-            parts = []
-            g = a
-            while g < b:
-                length = sorted_lengths[g]
-                stop = g
-                while stop < b and sorted_lengths[stop] == length:
-                    stop += 1
-                idx = order[g:stop]
-                parts.append((suffix[idx, :length] + pos[p : p + length]).reshape(-1, d))
-                groups.append((stop - g, length))
-                g = stop
-            xs = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if chunked:
-                from torch.utils.checkpoint import checkpoint
+        if not chunked:
+            return run(x_p, 0, n)
+        from torch.utils.checkpoint import checkpoint
 
-                outs.append(checkpoint(run, xs, groups, *flat, use_reentrant=False))
-            else:
-                outs.append(run(xs, groups, *flat))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out[torch.argsort(order)]
+        outs = [
+            checkpoint(run, x_p, a, min(a + step, n), use_reentrant=False)
+            for a in range(0, n, step)
+        ]
+        return torch.cat(outs)

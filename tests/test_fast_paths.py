@@ -11,6 +11,7 @@ from helpers_train import coop_argv, loss_lines, read_results, zeroshot_argv
 
 from coop.clip_adapter import SharedPrefixTextEncoder, TextEncoder, load_clip
 from coop.config import get_cfg_default
+from coop.testing.tiny_clip import save_tiny_clip
 from coop.train import main
 from coop.trainers.coop import CustomCLIP, PromptLearner, text_mode
 
@@ -30,6 +31,14 @@ def clip32(tiny_vit):
     return load_clip(tiny_vit).float()
 
 
+@pytest.fixture(scope="module")
+def clip_deep(tmp_path_factory):
+    """Three text layers: the shared-prefix encoder's inner layers (attention over the prefix
+    and the class blocks) run, not only its last one."""
+    path = tmp_path_factory.mktemp("clip") / "deep.pt"
+    return load_clip(save_tiny_clip(str(path), arch="vit", text_layers=3)).float()
+
+
 @pytest.mark.parametrize(
     "position,csc,expected",
     [("end", False, "shared_prefix"), ("end", True, "truncate"), ("middle", False, "truncate")],
@@ -46,11 +55,11 @@ def test_text_mode_selection(clip32, position, csc, expected):
 
 
 @pytest.mark.parametrize("chunk", [0, 2])
-def test_shared_prefix_matches_plain_forward_and_gradient(clip32, chunk):
+def test_shared_prefix_matches_plain_forward_and_gradient(clip_deep, chunk):
     torch.manual_seed(0)
-    pl = PromptLearner(_cfg(), NAMES, clip32)
-    plain = TextEncoder(clip32)
-    shared = SharedPrefixTextEncoder(clip32, class_chunk=chunk)
+    pl = PromptLearner(_cfg(), NAMES, clip_deep)
+    plain = TextEncoder(clip_deep)
+    shared = SharedPrefixTextEncoder(clip_deep, class_chunk=chunk)
     tok = pl.tokenized_prompts
 
     out_plain = plain(pl(), tok)
@@ -63,6 +72,41 @@ def test_shared_prefix_matches_plain_forward_and_gradient(clip32, chunk):
     assert torch.allclose(out_fast, out_plain, rtol=1e-5, atol=1e-5)
     assert torch.allclose(pl.ctx.grad, grad_plain, rtol=1e-4, atol=1e-4 * grad_plain.abs().max())
     assert not torch.equal(grad_plain, torch.zeros_like(grad_plain))
+
+
+_WORDS = "red fox big cat tiny bird of the north old oak tree sea lion kite".split()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        # many classes of mixed lengths: several attention blocks, dummy classes in the last
+        [" ".join(_WORDS[(i * 7) % 13 : (i * 7) % 13 + 1 + i % 5]) for i in range(37)],
+        ["solitary"],  # one class
+        ["ant", "bee", "cow", "dog"],  # all of one length
+        # a suffix longer than an attention block: one class per block
+        ["cat", " ".join(_WORDS * 2), "dog"],
+    ],
+    ids=["37_mixed", "one", "same_length", "long_name"],
+)
+def test_shared_prefix_blocks_match_plain(clip_deep, names):
+    torch.manual_seed(1)
+    pl = PromptLearner(_cfg(), names, clip_deep)
+    tok = pl.tokenized_prompts
+    g = torch.randn(len(names), clip_deep.text_projection.shape[1])
+
+    out_plain = TextEncoder(clip_deep)(pl(), tok)
+    (out_plain * g).sum().backward()
+    grad_plain = pl.ctx.grad.clone()
+    pl.ctx.grad = None
+    shared = SharedPrefixTextEncoder(clip_deep)
+    out_fast = shared(torch.cat([pl.token_prefix[0], pl.ctx]), pl.token_suffix, tok)
+    (out_fast * g).sum().backward()
+    assert torch.allclose(out_fast, out_plain, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(pl.ctx.grad, grad_plain, rtol=1e-4, atol=1e-4 * grad_plain.abs().max())
+    with torch.no_grad():
+        again = shared(torch.cat([pl.token_prefix[0], pl.ctx]), pl.token_suffix, tok)
+    assert torch.allclose(again, out_fast, rtol=1e-6, atol=1e-6)
 
 
 def test_truncated_matches_plain_for_middle_and_csc(clip32):
