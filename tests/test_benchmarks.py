@@ -61,3 +61,37 @@ def test_a_step_that_does_not_fit_under_the_cap_reports_instead_of_crashing():
     assert "allocate" in plain["error"]
     fast = _child(fast=True, limit=cap)
     assert not fast.get("oom") and 0 < fast["extra"] < 300 * 2**20
+
+
+def test_official_estimate_scales_only_the_epoch_loops_and_new_views():
+    epochs = {1: 3, 16: 10}
+    runs = [
+        # 16 shots: 2 s of epoch loops at 10 epochs -> 40 s at 200; 1 s of other costs
+        dict(shots=16, total=3.0, epochs=2.0, cache=0.0, views=0.0),
+        # 1 shot with the cache: loops 0.3 s at 3 epochs -> 5 s at 50; 0.2 s computing one
+        # view per image -> 2 s for ten; 0.1 s reading stored views; 0.4 s other costs
+        dict(shots=1, total=1.0, epochs=0.6, cache=0.3, views=0.2),
+    ]
+    est = bench.official_estimate(runs, epochs, views=1)
+    assert est == pytest.approx((1.0 + 40.0) + (0.4 + 0.3 * 50 / 3 + 0.1 + 2.0))
+
+
+def test_run_main_reports_the_parts_of_a_run(tmp_path):
+    plan = bench.make_plan(True, "cpu")
+    plan.tmp = str(tmp_path)
+    plan.run_clip = dict(arch="resnet", embed_dim=32, image_resolution=32, vision_width=64,
+                         vision_layers=(1, 1, 1, 1), text_width=64, text_layers=1)  # fmt: skip
+    env = bench._RunEnv(plan)
+    data = env.data(3, 12)
+    cache = ["FAST.CACHE_DIR", str(tmp_path / "cache"), "FAST.TRAIN_FEATURE_CACHE", "True"]
+    argv = env.argv(data, str(tmp_path / "out1"), "OPTIM.MAX_EPOCH", "2", *cache, shots=4)
+    t = bench.run_main(argv)
+    assert t["views"] > 0  # a cold cache computes its views
+    assert 0 < t["views"] <= t["cache"] <= t["epochs"] < t["total"]
+    assert t["build"] > 0 and t["test"] > 0 and t["build"] + t["epochs"] < t["total"]
+    # a second run of the same images computes no new views but reads them
+    argv = env.argv(data, str(tmp_path / "out2"), "OPTIM.MAX_EPOCH", "2", *cache, shots=4)
+    again = bench.run_main(argv)
+    assert again["views"] == 0 and 0 < again["cache"] <= again["epochs"]
+    plain = bench.run_main(env.argv(data, str(tmp_path / "out3"), "OPTIM.MAX_EPOCH", "1", shots=4))
+    assert plain["cache"] == plain["views"] == 0 and plain["epochs"] > 0
