@@ -11,6 +11,7 @@ Nothing is imported or loaded at module import time beyond the standard library 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import importlib
@@ -22,7 +23,18 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.nn.functional as F
@@ -601,10 +613,85 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(n, s, h * hd)
 
 
-# Query rows per attention problem of the class suffixes: classes are attended to in blocks
-# of about this many padded tokens (a block-diagonal causal mask keeps them apart), far fewer
-# and larger problems than one per class.
+# Query rows per attention problem of the class suffixes: consecutive classes are packed into
+# blocks of this many token rows (a class longer than that gets a block of its own length),
+# attended to at once under a block-diagonal causal mask; far fewer and larger problems than
+# one per class.
 _SUFFIX_BLOCK_ROWS = 24
+
+
+class _SuffixBlocks(NamedTuple):
+    """Where the packed class suffixes sit in the attention blocks (see
+    :func:`_suffix_blocks`)."""
+
+    nb: int  # blocks
+    rows: torch.Tensor  # (nb * R,) row of cat(prefix, suffixes) in each block slot
+    slots: torch.Tensor  # (T,) the block slot of each packed suffix row
+    mask: torch.Tensor  # (nb, 1, R, P + R) bool: what each slot's query may attend to
+    last_rows: torch.Tensor  # (n,) row of each class's last token
+    last_query_rows: torch.Tensor  # (nb * C,) the same, laid out per block (C classes max)
+    last_slots: torch.Tensor  # (n,) each class's position in that layout
+    last_mask: torch.Tensor  # (nb, 1, C, P + R) bool
+
+
+@functools.lru_cache(maxsize=64)
+def _suffix_blocks(lengths: Tuple[int, ...], p: int, block_rows: int, device: str) -> _SuffixBlocks:
+    """Pack classes (suffix ``lengths``, after a prefix of ``p`` rows) greedily, in order,
+    into blocks of ``R = max(block_rows, longest)`` slots. A query slot may attend to every
+    prefix key and, causally, to the keys of its own class; empty slots read row 0, are never
+    attended to, and their outputs are dropped. Built outside inference mode (the tensors are
+    reused by later passes that record gradients)."""
+    with torch.inference_mode(False):
+        r = max(block_rows, max(lengths))
+        block, offset, first_of_block = [], [], []
+        b, used = 0, 0
+        for k, length in enumerate(lengths):
+            if k == 0 or used + length > r:
+                if k:
+                    b, used = b + 1, 0
+                first_of_block.append(k)
+            block.append(b)
+            offset.append(used)
+            used += length
+        nb = b + 1
+        dev = torch.device(device)
+        ln = torch.tensor(lengths)
+        n, t = len(lengths), int(ln.sum())
+        cls = torch.repeat_interleave(torch.arange(n), ln)  # class of each packed row
+        start = torch.cumsum(ln, 0) - ln
+        pos = torch.arange(t) - start[cls]  # position of each packed row within its class
+        slots = torch.tensor(block)[cls] * r + torch.tensor(offset)[cls] + pos
+        rows = torch.zeros(nb * r, dtype=torch.long)
+        rows[slots] = p + torch.arange(t)
+        slot_cls = torch.full((nb * r,), -1, dtype=torch.long)
+        slot_cls[slots] = cls
+        slot_pos = torch.zeros(nb * r, dtype=torch.long)
+        slot_pos[slots] = pos
+        sc, sp = slot_cls.view(nb, r), slot_pos.view(nb, r)
+        filled = (sc >= 0)[:, None, :]
+        own = (sc[:, :, None] == sc[:, None, :]) & (sp[:, :, None] >= sp[:, None, :]) & filled
+        mask = torch.cat([torch.ones(nb, r, p, dtype=torch.bool), own], dim=-1).unsqueeze(1)
+        # the last layer: one query per class, at its last token, C per block
+        index_in_block = torch.arange(n) - torch.tensor(first_of_block)[torch.tensor(block)]
+        c = int(index_in_block.max()) + 1
+        last_rows = p + start + ln - 1
+        last_slots = torch.tensor(block) * c + index_in_block
+        last_query_rows = torch.zeros(nb * c, dtype=torch.long)
+        last_query_rows[last_slots] = last_rows
+        query_cls = torch.full((nb * c,), -2, dtype=torch.long)  # -2: an empty query slot
+        query_cls[last_slots] = torch.arange(n)
+        own_last = (query_cls.view(nb, c)[:, :, None] == sc[:, None, :]) & filled
+        last_mask = torch.cat([torch.ones(nb, c, p, dtype=torch.bool), own_last], dim=-1)
+        return _SuffixBlocks(
+            nb=nb,
+            rows=rows.to(dev),
+            slots=slots.to(dev),
+            mask=mask.to(dev),
+            last_rows=last_rows.to(dev),
+            last_query_rows=last_query_rows.to(dev),
+            last_slots=last_slots.to(dev),
+            last_mask=last_mask.unsqueeze(1).to(dev),
+        )
 
 
 def encode_shared_prefix(
@@ -617,35 +704,13 @@ def encode_shared_prefix(
     suffixes' inputs packed one class after another, ``lengths`` the n suffix lengths (summing
     to T). Prefix and suffix rows go through every per-token operation (layer norms,
     projections, MLP) together, once per layer. The attention runs twice per layer: once for
-    the prefix (causal), and once for all the classes, each padded to the longest suffix and
-    grouped in blocks; a token attends to the prefix's keys and values and, causally, to its
-    own class's. In the last layer only each class's last position is computed beyond its key
-    and value.
+    the prefix (causal), and once for all the classes, packed in blocks of rows; a token
+    attends to the prefix's keys and values and, causally, to its own class's. In the last
+    layer only each class's last position is computed beyond its key and value.
     """
     p, d = x_p.shape
-    n, lm = len(lengths), max(lengths)
-    dev = x_s.device
-    c = max(1, min(n, _SUFFIX_BLOCK_ROWS // lm))  # classes per block
-    nb = -(-n // c)
-    ln = torch.tensor(list(lengths) + [1] * (nb * c - n), device=dev)  # padded with dummies
-    starts = p + torch.cumsum(ln, 0) - ln  # first row of each class in cat(x_p, x_s)
-    starts[n:] = 0  # dummy classes read row 0; they are masked as keys, dropped as queries
-    j = torch.arange(lm, device=dev)
-    valid = j[None, :] < ln[:, None]  # (classes, lm): real tokens of each padded suffix
-    # row of every padded slot; padding repeats the class's last row
-    rows = (starts[:, None] + torch.minimum(j[None, :], (ln - 1)[:, None])).view(-1)
-    real = valid[:n].reshape(-1).nonzero().squeeze(1)  # padded slots back to packed order
-    last = starts + ln - 1
-    # block masks: prefix always; within a block only the same class, causally, real keys
-    slot_cls = torch.arange(c, device=dev).repeat_interleave(lm)
-    slot_pos = j.repeat(c)
-    key_ok = valid.view(nb, 1, c * lm)
-    same = slot_cls[:, None] == slot_cls[None, :]
-    see_prefix = torch.ones(nb, c * lm, p, dtype=torch.bool, device=dev)
-    mask = (same & (slot_pos[:, None] >= slot_pos[None, :]))[None] & key_ok
-    mask = torch.cat([see_prefix, mask], dim=-1).unsqueeze(1)  # (nb, 1, c*lm, p + c*lm)
-    last_mask = (torch.arange(c, device=dev)[:, None] == slot_cls[None, :])[None] & key_ok
-    last_mask = torch.cat([see_prefix[:, :c], last_mask], dim=-1).unsqueeze(1)
+    blk = _suffix_blocks(tuple(int(v) for v in lengths), p, _SUFFIX_BLOCK_ROWS, str(x_s.device))
+    nb = blk.nb
 
     x = torch.cat([x_p, x_s])
     blocks = list(transformer.resblocks)
@@ -659,15 +724,15 @@ def encode_shared_prefix(
         else:
             q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
         # (index_select, whose backward is a plain index_add, rather than indexing)
-        k_s = torch.cat([k[:p].expand(nb, p, d), k.index_select(0, rows).view(nb, -1, d)], 1)
-        v_s = torch.cat([v[:p].expand(nb, p, d), v.index_select(0, rows).view(nb, -1, d)], 1)
+        k_s = torch.cat([k[:p].expand(nb, p, d), k.index_select(0, blk.rows).view(nb, -1, d)], 1)
+        v_s = torch.cat([v[:p].expand(nb, p, d), v.index_select(0, blk.rows).view(nb, -1, d)], 1)
         k_s, v_s = _split_heads(k_s, heads), _split_heads(v_s, heads)
         if final:
-            q_l = F.linear(h.index_select(0, last), w[:d], b[:d]).view(nb, c, d)
-            q_l = _split_heads(q_l, heads)
-            a_l = F.scaled_dot_product_attention(q_l, k_s, v_s, attn_mask=last_mask)
-            att = _merge_heads(a_l).reshape(nb * c, d)[:n]
-            x = x.index_select(0, last[:n])
+            q_l = F.linear(h.index_select(0, blk.last_query_rows), w[:d], b[:d])
+            q_l = _split_heads(q_l.view(nb, -1, d), heads)
+            a_l = F.scaled_dot_product_attention(q_l, k_s, v_s, attn_mask=blk.last_mask)
+            att = _merge_heads(a_l).reshape(-1, d).index_select(0, blk.last_slots)
+            x = x.index_select(0, blk.last_rows)
         else:
             a_p = F.scaled_dot_product_attention(
                 _split_heads(q[None, :p], heads),
@@ -676,12 +741,12 @@ def encode_shared_prefix(
                 is_causal=True,
             )
             a_s = F.scaled_dot_product_attention(
-                _split_heads(q.index_select(0, rows).view(nb, -1, d), heads),
+                _split_heads(q.index_select(0, blk.rows).view(nb, -1, d), heads),
                 k_s,
                 v_s,
-                attn_mask=mask,
+                attn_mask=blk.mask,
             )
-            a_s = _merge_heads(a_s).reshape(-1, d).index_select(0, real)
+            a_s = _merge_heads(a_s).reshape(-1, d).index_select(0, blk.slots)
             att = torch.cat([_merge_heads(a_p)[0], a_s])
         x = x + F.linear(att, block.attn.out_proj.weight, block.attn.out_proj.bias)
         x = x + block.mlp(block.ln_2(x))

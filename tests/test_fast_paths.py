@@ -109,6 +109,21 @@ def test_shared_prefix_blocks_match_plain(clip_deep, names):
     assert torch.allclose(again, out_fast, rtol=1e-6, atol=1e-6)
 
 
+def test_shared_prefix_trains_after_an_evaluation_under_inference_mode(clip_deep):
+    # the block layout is built once per set of lengths and reused: one first built inside
+    # inference mode (an evaluation) must still serve a pass that records gradients
+    names = ["inference first", "then", "a training step"]
+    pl = PromptLearner(_cfg(), names, clip_deep)
+    shared = SharedPrefixTextEncoder(clip_deep)
+    args = (torch.cat([pl.token_prefix[0], pl.ctx]), pl.token_suffix, pl.tokenized_prompts)
+    with torch.inference_mode():
+        evaluated = shared(*args)
+    trained = shared(torch.cat([pl.token_prefix[0], pl.ctx]), *args[1:])
+    trained.sum().backward()
+    assert pl.ctx.grad is not None and pl.ctx.grad.abs().sum() > 0
+    assert torch.allclose(evaluated, trained.detach(), rtol=1e-6, atol=1e-6)
+
+
 def test_truncated_matches_plain_for_middle_and_csc(clip32):
     cfg = _cfg()
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "middle"
