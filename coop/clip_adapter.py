@@ -521,6 +521,55 @@ def use_channels_last(visual: nn.Module) -> bool:
     return True
 
 
+def _conv_bn_pairs(visual: nn.Module) -> List[Tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d]]:
+    """Every (parent, name of the norm, convolution, batch norm right after it) of a
+    ModifiedResNet: the stem's and each bottleneck's ``conv{i}``/``bn{i}`` and the
+    downsampling ``Sequential(AvgPool2d, Conv2d, BatchNorm2d)``."""
+    pairs = []
+    for module in visual.modules():
+        for i in (1, 2, 3):
+            conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                pairs.append((module, f"bn{i}", conv, bn))
+        if isinstance(module, nn.Sequential):  # its children are named "-1", "0", "1"
+            children = list(module.named_children())
+            for (_, conv), (name, bn) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    pairs.append((module, name, conv, bn))
+    return pairs
+
+
+def fold_batch_norms(visual: nn.Module) -> bool:
+    """Fold the batch norms of a frozen ResNet image encoder in eval mode into the
+    convolutions before them (in place): ``bn(conv(x)) = conv'(x)`` with the weights scaled
+    by ``gamma / sqrt(var + eps)`` and a bias ``beta - mean * gamma / sqrt(var + eps)``
+    (computed in float64, stored in the weights' dtype), the norms replaced by identities.
+    The same features up to float rounding, without the norms' passes over every activation.
+    Returns whether it folded; vision transformers, and encoders with a norm in training mode
+    or one that does not follow a convolution, are left as they are."""
+    if not hasattr(visual, "attnpool"):
+        return False
+    pairs = _conv_bn_pairs(visual)
+    norms = [m for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not pairs or len(pairs) != len(norms):
+        return False
+    if any(bn.training or bn.running_var is None or conv.groups != 1 for _, _, conv, bn in pairs):
+        return False
+    with torch.no_grad():
+        for parent, name, conv, bn in pairs:
+            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            shift = bn.bias.double() - bn.running_mean.double() * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias.double() * scale
+            weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+            conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+            setattr(parent, name, nn.Identity())
+    if any(isinstance(m, nn.BatchNorm2d) for m in visual.modules()):
+        raise RuntimeError("fold_batch_norms left a batch norm in place")  # never expected
+    return True
+
+
 def channels_last_input(images: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 

@@ -61,6 +61,12 @@ class CLIPTrainer(TrainerX):
         part of the cache key, as it changes float rounding)."""
         return False
 
+    def image_bn_folded(self) -> bool:
+        """Whether ``image_features`` runs an image encoder with its batch norms folded into
+        its convolutions (``FAST.FOLD_BN``; part of the cache key, as it changes float
+        rounding)."""
+        return False
+
     # ------------------------------------------------------------------ evaluation cache
     def eval_cache_enabled(self) -> bool:
         fast = self.cfg.FAST
@@ -76,13 +82,14 @@ class CLIPTrainer(TrainerX):
 
     def _encoder_key_parts(self, cache_root: str) -> Dict[str, Any]:
         """What any cached image feature depends on besides its images and transform: the
-        feature kind, the weights' content, the precision, the memory format, the device
-        and the torch version."""
+        feature kind, the weights' content, the precision, the memory format, whether the
+        batch norms are folded, the device and the torch version."""
         return {
             "kind": FEATURE_KIND,
             "weights": self._weights_hash(cache_root),
             "dtype": str(self.clip_dtype()),
             "channels_last": self.image_channels_last(),
+            "bn_folded": self.image_bn_folded(),
             "device": self.device.type,
             "torch": torch.__version__,
         }

@@ -174,6 +174,9 @@ def _coop_dassl_additions(cfg: CN) -> None:
     cfg.FAST.CLASS_CHUNK = 1024
     # ResNet image encoders run in channels-last memory format (faster convolutions)
     cfg.FAST.CHANNELS_LAST = True
+    # the frozen ResNet image encoders' batch norms (eval mode) are folded into the
+    # convolutions before them
+    cfg.FAST.FOLD_BN = True
     # build CLIP without its random initialisers (the checkpoint overwrites their values);
     # the random state they leave behind is remembered in FAST.CACHE_DIR from the first
     # build with the same state and architecture and restored, so every later draw (the

@@ -168,6 +168,50 @@ def test_channels_last_resnet_encoder_matches_plain(tiny_rn, clip32):
     assert not CustomCLIP(_cfg(), NAMES, clip32).channels_last
 
 
+def _with_random_norm_stats(clip_model, seed: int = 0):
+    """The model with random batch-norm statistics and affine parameters (the tiny
+    checkpoints keep the defaults, which folding would barely change)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in clip_model.visual.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                c = bn.num_features
+                bn.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                bn.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.1)
+                bn.weight.copy_(torch.randn(c, generator=g))
+                bn.bias.copy_(torch.randn(c, generator=g) * 0.5)
+    return clip_model
+
+
+def _norms(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_folded_batch_norms_give_the_plain_features(tiny_rn, clip32):
+    torch.manual_seed(0)
+    plain = CustomCLIP(
+        _cfg(ENABLED=False), NAMES, _with_random_norm_stats(load_clip(tiny_rn).float())
+    )
+    torch.manual_seed(0)
+    fast = CustomCLIP(_cfg(), NAMES, _with_random_norm_stats(load_clip(tiny_rn).float()))
+    assert fast.bn_folded and not plain.bn_folded
+    assert not _norms(fast.image_encoder) and len(_norms(plain.image_encoder)) == 19
+    img = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        a, b = plain.encode_image(img), fast.encode_image(img)
+        unnormalised = plain.image_encoder(img)
+    assert unnormalised.std() > 0.1  # the norms' statistics reach the features
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    # off when asked; a norm in training mode, or a vision transformer, is left alone
+    off = CustomCLIP(_cfg(FOLD_BN=False), NAMES, load_clip(tiny_rn).float())
+    assert not off.bn_folded and len(_norms(off.image_encoder)) == 19
+    training = load_clip(tiny_rn).float()
+    training.visual.layer1[0].bn2.train()
+    assert not CustomCLIP(_cfg(), NAMES, training).bn_folded
+    assert len(_norms(training.visual)) == 19
+    assert not CustomCLIP(_cfg(), NAMES, clip32).bn_folded
+
+
 def test_resnet_training_fast_matches_plain(data_root, tiny_rn, tmp_path):
     """Channels-last encoder, shared-prefix text side, persistent workers: same losses,
     context and accuracy as the plain path, up to float rounding."""

@@ -20,6 +20,7 @@ from coop.clip_adapter import (
     SharedPrefixTextEncoder,
     TextEncoder,
     channels_last_input,
+    fold_batch_norms,
     load_clip,
     token_length,
     tokenize,
@@ -50,6 +51,12 @@ def channels_last_for(cfg, visual: nn.Module) -> bool:
     """``FAST.CHANNELS_LAST``: store a ResNet image encoder channels-last (in place);
     returns whether its inputs must be made channels-last too."""
     return bool(cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(visual))
+
+
+def fold_bn_for(cfg, visual: nn.Module) -> bool:
+    """``FAST.FOLD_BN``: fold a frozen ResNet image encoder's batch norms into its
+    convolutions (in place); returns whether it did."""
+    return bool(cfg.FAST.ENABLED and cfg.FAST.FOLD_BN and fold_batch_norms(visual))
 
 
 class PromptLearner(nn.Module):
@@ -197,6 +204,7 @@ class CustomCLIP(nn.Module):
         chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
         self.text_encoder = TextEncoder(clip_model, eot_truncate=self.text_mode == "truncate")
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
+        self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
         self.channels_last = channels_last_for(cfg, self.image_encoder)
         if self.text_mode != "plain":
             logger.info(f"Text encoder fast path: {self.text_mode}")
@@ -332,6 +340,9 @@ class CoOp(CLIPTrainer):
 
     def image_channels_last(self) -> bool:
         return self.model.channels_last
+
+    def image_bn_folded(self) -> bool:
+        return self.model.bn_folded
 
     def forward_backward(self, batch) -> Dict[str, float]:
         image, label = self.parse_batch_train(batch)

@@ -11,7 +11,7 @@ import torch
 from coop.clip_adapter import channels_last_input, tokenize
 from coop.clip_trainer import CLIPTrainer
 from coop.registry import TRAINER_REGISTRY
-from coop.trainers.coop import channels_last_for, load_clip_for
+from coop.trainers.coop import channels_last_for, fold_bn_for, load_clip_for
 from coop.trainers.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class ZeroshotCLIP(CLIPTrainer):
             text_features = text_features / text_features.norm(dim=-1, keepdim=True)
         self.text_features = text_features  # (n_cls, embed_dim)
         self.clip_model = clip_model
+        self.bn_folded = fold_bn_for(cfg, clip_model.visual)  # before channels-last
         self.channels_last = channels_last_for(cfg, clip_model.visual)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,9 @@ class ZeroshotCLIP(CLIPTrainer):
 
     def image_channels_last(self) -> bool:
         return self.channels_last
+
+    def image_bn_folded(self) -> bool:
+        return self.bn_folded
 
     def model_inference(self, image: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.image_features(image))
