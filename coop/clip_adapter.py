@@ -339,23 +339,46 @@ def _build_without_init(
     clip_mod: types.ModuleType, state_dict: Dict[str, torch.Tensor], args: tuple
 ):
     """What ``build_model`` returns, built without running (or drawing random numbers for)
-    the initialisers whose values the checkpoint overwrites anyway: the module (``CLIP(*args)``)
-    is created on the meta device, given empty CPU storage, cast like ``convert_weights`` and
-    loaded strictly. None if anything is left unmaterialised (an unknown CLIP version)."""
+    the initialisers whose values the checkpoint overwrites anyway, and without a second copy
+    of the weights: the module (``CLIP(*args)``) is created and cast like ``convert_weights``
+    on the meta device, and the checkpoint's tensors become its parameters and buffers (each
+    cast to the dtype ``build_model`` would give it, laid out contiguously, and copied only
+    where two of them share memory). None if anything is left unmaterialised (an unknown
+    CLIP version)."""
     model_mod = importlib.import_module(clip_mod.__name__.rsplit(".", 1)[0] + ".model")
     with torch.device("meta"):
         model = model_mod.CLIP(*args)
-    model = model.to_empty(device="cpu")
+        model_mod.convert_weights(model)
     # the text tower's causal mask is a plain attribute, not a buffer: build it for real
-    mask = model.build_attention_mask()
+    with torch.device("cpu"):
+        mask = model.build_attention_mask()
     for block in model.transformer.resblocks:
         block.attn_mask = mask
-    model_mod.convert_weights(model)
-    sd = {k: v for k, v in state_dict.items() if k not in _NON_WEIGHT_KEYS}
-    model.load_state_dict(sd)
+    target = model.state_dict()
+    sd: Dict[str, torch.Tensor] = {}
+    seen: set = set()
+    for k, v in state_dict.items():
+        if k in _NON_WEIGHT_KEYS:
+            continue
+        want = target.get(k)
+        if want is not None and v.dtype != want.dtype:
+            v = v.to(want.dtype)  # as copy_ into the built parameter would round it
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if v.numel() and ptr in seen:
+            v = v.clone()
+        seen.add(ptr)
+        sd[k] = v
+    model.load_state_dict(sd, assign=True)
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and value.is_meta:
+                return None
+        for value in module.parameters(recurse=False):
+            if value.is_meta:
+                return None
+        for value in module.buffers(recurse=False):
+            if value.is_meta:
                 return None
     return model.eval()
 

@@ -143,3 +143,36 @@ def test_training_runs_with_and_without_the_memo_are_identical(data_root, tiny_v
     for name in ("first", "second"):
         assert torch.equal(ctx[name][0], ctx["off"][0])
         assert ctx[name][1] == ctx["off"][1]
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_build_without_init_takes_over_the_checkpoint_tensors_safely(arch):
+    """The checkpoint's tensors become the parameters without a second copy, yet every
+    parameter ends up as build_model makes it: its dtype, contiguous, in its own memory."""
+    clip_mod = import_clip()
+    kw = {"vision_layers": (1, 1, 1, 1)} if arch == "resnet" else {}
+    sd = tiny_clip_state_dict(arch=arch, **kw)
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    # one tensor stored transposed, two sharing one block of memory
+    w = half["text_projection"]
+    half["text_projection"] = w.t().contiguous().t()
+    assert not half["text_projection"].is_contiguous()
+    # both fp16 in the built model, so neither is cast (and copied) on the way in
+    a, b = "transformer.resblocks.0.attn.out_proj.bias", "transformer.resblocks.0.mlp.c_proj.bias"
+    half[b] = half[a]
+    for source in (sd, half):
+        torch.manual_seed(0)
+        plain = clip_mod.build_model(copy.deepcopy(source))
+        args = clip_args_from_state_dict(source)
+        fast = clip_adapter._build_without_init(clip_mod, dict(source), args)
+        _assert_same_model(plain, fast)
+        # linear weights are fp16 as build_model's convert_weights leaves them
+        assert fast.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float16
+        ptrs = [p.untyped_storage().data_ptr() for p in fast.parameters()]
+        assert len(set(ptrs)) == len(ptrs)
+        assert all(p.is_contiguous() for p in fast.parameters())
+        assert not any(p.requires_grad is False for p in fast.parameters())
+    block = fast.transformer.resblocks[0]
+    with torch.no_grad():
+        block.attn.out_proj.bias.add_(1)
+    assert not torch.equal(block.attn.out_proj.bias, block.mlp.c_proj.bias)
