@@ -149,7 +149,7 @@ class CLIPTrainer(TrainerX):
             "format": TRAIN_VIEWS_FORMAT,
             "input": {k: cfg.INPUT[k] for k in sorted(cfg.INPUT)},
             "transform": repr(self.dm.tfm_train),
-            "batch_size": cfg.DATALOADER.TEST.BATCH_SIZE,
+            "batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE,
             "torchvision": torchvision.__version__,
         }
         return cache_key(parts), parts
@@ -159,11 +159,13 @@ class CLIPTrainer(TrainerX):
     ) -> List[torch.Tensor]:
         """Features (on the CPU) of view ``v`` of image ``i`` for each ``(i, v)`` of ``pairs``.
 
-        The last batch is padded to the full batch size, so an image's features do not depend
-        on how many others share its batch (kernels are chosen by shape)."""
+        The views go through the image encoder in batches of the training batch size (the
+        batch shape the encoder sees in training without the cache), the last one padded to
+        it, so an image's features do not depend on how many others share its batch (kernels
+        are chosen by shape) and at most a training batch less one of padding is computed."""
         from coop.data import resolve_num_workers
 
-        bs = self.cfg.DATALOADER.TEST.BATCH_SIZE
+        bs = self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE
         loader = torch.utils.data.DataLoader(
             SeededViews(wrapper, pairs),
             batch_size=bs,

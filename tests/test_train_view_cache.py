@@ -104,7 +104,7 @@ def test_stored_views_do_not_depend_on_the_run_that_computed_them(data_root, tin
     """Cache A is filled by one run; cache B by two runs of other seeds and shot counts, so
     the images are computed in other batches, positions and batch fillings."""
     # several batches, the last one small (its rows would round differently unpadded)
-    small = ("DATALOADER.TEST.BATCH_SIZE", "17")
+    small = ("DATALOADER.TRAIN_X.BATCH_SIZE", "17")
 
     def run(name: str, cache: str, seed: int, shots: int) -> Tuple[int, int, str]:
         return _run(data_root, tiny_vit, str(tmp_path / name), cache, seed, shots, 2, 0, *small)
@@ -228,6 +228,8 @@ def test_entry_key_covers_the_training_transform():
     cfg.INPUT.RRCROP_SCALE = get_cfg_default().INPUT.RRCROP_SCALE
     assert trainer._train_views_key("")[0] == key
     cfg.DATALOADER.TEST.BATCH_SIZE += 1
+    assert trainer._train_views_key("")[0] == key  # views use the training batch
+    cfg.DATALOADER.TRAIN_X.BATCH_SIZE += 1
     assert trainer._train_views_key("")[0] != key
 
 
