@@ -370,16 +370,9 @@ def _build_without_init(
         seen.add(ptr)
         sd[k] = v
     model.load_state_dict(sd, assign=True)
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and value.is_meta:
-                return None
-        for value in module.parameters(recurse=False):
-            if value.is_meta:
-                return None
-        for value in module.buffers(recurse=False):
-            if value.is_meta:
-                return None
+    attributes = [v for m in model.modules() for v in vars(m).values() if torch.is_tensor(v)]
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *attributes)):
+        return None
     return model.eval()
 
 
