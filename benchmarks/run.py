@@ -131,6 +131,7 @@ class Plan:
     warm_classes: int
     workers: int
     threads: int = 0
+    sweep_seeds: Tuple[int, ...] = SEEDS
     tmp: str = ""
     _clips: Dict[Tuple[str, str], Any] = field(default_factory=dict)
     _memory: Dict[Tuple[str, bool], Any] = field(default_factory=dict)
@@ -1157,7 +1158,7 @@ def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
     names = list(configs)
     i = 0
     for shots in SHOTS:
-        for seed in SEEDS:
+        for seed in plan.sweep_seeds:
             order = names[i % len(names) :] + names[: i % len(names)]  # rotate who goes first
             i += 1
             for c in order:
@@ -1168,7 +1169,7 @@ def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
                 totals[c] += t["total"]
                 per_run[c].append(t)
                 shutil.rmtree(out, ignore_errors=True)
-    setting = f"{plan.sweep_classes} cls, 5 shots x 3 seeds"
+    setting = f"{plan.sweep_classes} cls, 5 shots x {len(plan.sweep_seeds)} seeds"
     ep = "/".join(str(epochs[k]) for k in SHOTS)
 
     est = {c: official_estimate(per_run[c], epochs, views) for c in configs}
@@ -1187,7 +1188,7 @@ def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
             totals["fast"],
             totals["plain"] / totals["fast"],
             (">=", 2.5),
-            note=f"15 coop.train.main runs each, epochs {ep} (official / {SWEEP_DIV}), "
+            note=f"{len(SHOTS) * len(plan.sweep_seeds)} coop.train.main runs each, epochs {ep} (official / {SWEEP_DIV}), "
             "whole runs incl. data, model build, test" + est_note("fast"),
         )
     ]
@@ -1265,6 +1266,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=0,
         help="test batches of the cold evaluation (eval_1000; default 3 with --quick, else 10)",
     )
+    p.add_argument(
+        "--sweep-seeds",
+        type=int,
+        default=len(SEEDS),
+        help=f"seeds per shot count in the sweep (1-{len(SEEDS)}; default {len(SEEDS)}, as the paper)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1285,6 +1292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.reps < 0 or args.warmup < -1 or args.eval_batches < 0:
         p.error("--reps, --warmup and --eval-batches must not be negative")
+    if not 1 <= args.sweep_seeds <= len(SEEDS):
+        p.error(f"--sweep-seeds must be between 1 and {len(SEEDS)}, got {args.sweep_seeds}")
     plan = make_plan(args.quick, args.device)
     if args.reps:
         plan.reps = args.reps
@@ -1292,6 +1301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         plan.warmup = args.warmup
     if args.eval_batches:
         plan.eval_batches = args.eval_batches
+    plan.sweep_seeds = SEEDS[: args.sweep_seeds]
     threads = args.threads or (1 if plan.quick and not plan.cuda else 0)
     if threads:
         torch.set_num_threads(threads)

@@ -95,3 +95,38 @@ def test_run_main_reports_the_parts_of_a_run(tmp_path):
     assert again["views"] == 0 and 0 < again["cache"] <= again["epochs"]
     plain = bench.run_main(env.argv(data, str(tmp_path / "out3"), "OPTIM.MAX_EPOCH", "1", shots=4))
     assert plain["cache"] == plain["views"] == 0 and plain["epochs"] > 0
+
+
+def test_sweep_runs_every_shot_count_for_the_chosen_seeds(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_main(argv):
+        seed = int(argv[argv.index("--seed") + 1])
+        shots = int(argv[argv.index("DATASET.NUM_SHOTS") + 1])
+        calls.append((seed, shots, "FAST.ENABLED" in argv))
+        return dict(build=0.1, test=0.1, epochs=1.0, cache=0.0, views=0.0, total=1.5)
+
+    plan = bench.make_plan(True, "cpu")
+    plan.tmp = str(tmp_path)
+    plan.sweep_seeds = bench.SEEDS[:1]
+    env = bench._RunEnv(plan)
+    monkeypatch.setattr(env, "data", lambda n, k: str(tmp_path))
+    monkeypatch.setattr(env, "ckpt", lambda: "clip.pt")
+    monkeypatch.setattr(bench, "run_main", fake_run_main)
+    res = bench.case_sweep(plan, env)
+    configs = len(res["totals"])
+    assert len(calls) == len(bench.SHOTS) * configs
+    assert {(s, k) for s, k, _ in calls} == {(1, k) for k in bench.SHOTS}
+    assert sum(plain for *_, plain in calls) == len(bench.SHOTS)  # one plain run per shot count
+    assert "5 shots x 1 seeds" in res["rows"][0]["setting"]
+    assert res["rows"][0]["value"] == pytest.approx(1.0)
+
+
+def test_sweep_seeds_out_of_range_is_refused():
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--sweep-seeds", "4"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "--sweep-seeds must be between 1 and 3, got 4" in out.stderr

@@ -1,0 +1,130 @@
+"""The CUDA paths: every precision trains on the GPU, the fast paths give the plain path's
+numbers there, both feature caches work there, and a prompt trained on the GPU evaluates on a
+CPU. Skipped where torch sees no CUDA device (CI has none); on a GPU machine run
+``python -m pytest tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from helpers_train import coop_argv, read_results, zeroshot_argv
+
+from coop.train import main
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# per-batch loss tolerance of fast against plain: fp32 convolutions may run in TF32 on the GPU
+LOSS_TOL = {"fp32": 5e-3, "fp16": 3e-2, "amp": 3e-2, "bf16": 6e-2}
+CTX_TOL = {"fp32": 1e-2, "fp16": 5e-2, "amp": 5e-2, "bf16": 1e-1}
+
+
+def _losses(out: str):
+    """The logged training losses (one per batch, or one per epoch with the training cache)."""
+    with open(os.path.join(out, "log.txt"), encoding="utf-8") as f:
+        return [float(m.group(1)) for m in re.finditer(r"^epoch \[.* loss (\S+)", f.read(), re.M)]
+
+
+def _ctx(out: str, epoch: int) -> torch.Tensor:
+    path = os.path.join(out, "prompt_learner", f"model.pth.tar-{epoch}")
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]["ctx"]
+
+
+def _train_on_gpu(root: str, out: str, ckpt: str, prec: str, fast: str, *extra: str) -> None:
+    argv = coop_argv(
+        root, out, ckpt, 1, 4, "OPTIM.MAX_EPOCH", "2", "DATALOADER.TRAIN_X.BATCH_SIZE", "8",
+        "TRAIN.PRINT_FREQ", "1", "FAST.ENABLED", fast, *extra,
+    )  # fmt: skip
+    argv[argv.index("TRAINER.COOP.PREC") + 1] = prec
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    assert main(argv) == 0
+    # the model and the batches were on the GPU (a tiny CLIP alone is over 1 MB there)
+    assert torch.cuda.max_memory_allocated() > 2**20
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("prec", ["fp16", "fp32", "amp", "bf16"])
+def test_every_precision_trains_on_the_gpu_and_fast_matches_plain(
+    prec, data_root, tiny_rn, tmp_path
+):
+    """ResNet encoder (channels-last, folded norms on the fast path), end-position context
+    (shared-prefix text encoder): same losses and context as the plain path."""
+    runs = {}
+    for fast in ("False", "True"):
+        out = str(tmp_path / fast)
+        _train_on_gpu(data_root, out, tiny_rn, prec, fast)
+        runs[fast] = (_losses(out), _ctx(out, 2), read_results(out)["metrics"])
+    (lp, cp, mp), (lf, cf, mf) = runs["False"], runs["True"]
+    assert len(lp) == len(lf) == 10
+    assert all(torch.isfinite(torch.tensor(lp + lf)))
+    assert lf == pytest.approx(lp, abs=LOSS_TOL[prec])
+    # the original's fp16 trains the context in fp16; every other precision keeps fp32
+    assert cp.dtype == cf.dtype == (torch.float16 if prec == "fp16" else torch.float32)
+    assert not torch.equal(cp, torch.zeros_like(cp))
+    assert _rel(cf, cp) < CTX_TOL[prec]
+    assert 0.0 <= mf["accuracy"] <= 100.0 and 0.0 <= mp["accuracy"] <= 100.0
+
+
+def test_vision_transformer_training_on_the_gpu_matches_plain(data_root, learnable_clip, tmp_path):
+    runs = {}
+    for fast in ("False", "True"):
+        out = str(tmp_path / fast)
+        _train_on_gpu(data_root, out, learnable_clip, "fp16", fast)
+        runs[fast] = (_losses(out), _ctx(out, 2))
+    (lp, cp), (lf, cf) = runs["False"], runs["True"]
+    assert len(lp) == len(lf) == 10
+    assert lf == pytest.approx(lp, abs=LOSS_TOL["fp16"])
+    assert _rel(cf, cp) < CTX_TOL["fp16"]
+
+
+def test_eval_feature_cache_on_the_gpu_gives_the_uncached_metrics(data_root, tiny_vit, tmp_path):
+    cache = str(tmp_path / "cache")
+    metrics = []
+    for i, opts in enumerate(
+        (["FAST.ENABLED", "False"], ["FAST.CACHE_DIR", cache], ["FAST.CACHE_DIR", cache])
+    ):
+        out = str(tmp_path / f"zs{i}")
+        assert main(zeroshot_argv(data_root, out, tiny_vit, *opts)) == 0
+        metrics.append(read_results(out)["metrics"])
+    entries = [f for f in os.listdir(os.path.join(cache, "features")) if f.endswith(".pt")]
+    assert len(entries) == 1
+    assert metrics[2] == metrics[1]  # warm == cold, exactly
+    assert metrics[1]["accuracy"] == pytest.approx(metrics[0]["accuracy"], abs=2 * 100 / 60)
+
+
+def test_training_feature_cache_on_the_gpu(data_root, learnable_clip, tmp_path):
+    outs = []
+    for i in range(2):
+        out = str(tmp_path / f"t{i}")
+        _train_on_gpu(
+            data_root, out, learnable_clip, "fp16", "True",
+            "FAST.TRAIN_FEATURE_CACHE", "True", "FAST.TRAIN_CACHE_VIEWS", "2",
+            "FAST.CACHE_DIR", str(tmp_path / "cache"),
+        )  # fmt: skip
+        outs.append(out)
+    log = open(os.path.join(outs[0], "log.txt"), encoding="utf-8").read()
+    assert "Training feature cache (opt-in deviation): 2 augmented views" in log
+    assert len(_losses(outs[0])) == 2  # one line per epoch
+    # the second run reads the first one's views: the same batches, the same losses
+    assert _losses(outs[1]) == pytest.approx(_losses(outs[0]), abs=1e-3)
+    assert _rel(_ctx(outs[1], 2), _ctx(outs[0], 2)) < 1e-2
+
+
+def test_prompt_trained_on_the_gpu_evaluates_on_the_cpu(data_root, tiny_rn, tmp_path):
+    out = str(tmp_path / "train")
+    _train_on_gpu(data_root, out, tiny_rn, "fp16", "True")
+    trained = read_results(out)["metrics"]["accuracy"]
+    ev = str(tmp_path / "eval_cpu")
+    argv = coop_argv(data_root, ev, tiny_rn, 1, 4, "USE_CUDA", "False")
+    assert main(["--eval-only", "--model-dir", out, "--load-epoch", "2", *argv]) == 0
+    log = open(os.path.join(ev, "log.txt"), encoding="utf-8").read()
+    assert "model.pth.tar-2" in log
+    # fp16 on the GPU against fp32 on the CPU: at most a couple of test images differ
+    assert read_results(ev)["metrics"]["accuracy"] == pytest.approx(trained, abs=3 * 100 / 60)
