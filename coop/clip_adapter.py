@@ -641,7 +641,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
         if self.eot_truncate:
-            return self._forward_truncated(prompts, tokenized_prompts)
+            return self.forward_truncated(prompts, tokenized_prompts)
         x = prompts + self.positional_embedding.type(self.dtype)
         x = x.permute(1, 0, 2)  # NLD -> LND
         x = self.transformer(x)
@@ -651,7 +651,7 @@ class TextEncoder(nn.Module):
         x = x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
         return x
 
-    def _forward_truncated(
+    def forward_truncated(
         self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor
     ) -> torch.Tensor:
         eot = tokenized_prompts.argmax(dim=-1)  # (n,)

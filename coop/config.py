@@ -165,9 +165,14 @@ def _coop_dassl_additions(cfg: CN) -> None:
     # FAST.ENABLED False computes exactly what the original code computes (bit for bit).
     cfg.FAST = CN()
     cfg.FAST.ENABLED = True
-    # text side: "auto" (shared-prefix encoding where the prompts share their context,
-    # else truncation at the last end-of-text token), "truncate" or "plain"
+    # text side: "auto" (shared-prefix encoding where the prompts share their context, except
+    # on a GPU with fewer classes than GPU_SHARED_PREFIX_MIN_CLASSES; else truncation at the
+    # last end-of-text token), "shared_prefix" (wherever the prompts share their context, on
+    # any device), "truncate" or "plain"
     cfg.FAST.TEXT = "auto"
+    # on a GPU, "auto" uses the shared prefix from this many classes on: below, a training
+    # step is bound by launching operations, of which the shared prefix has ~45% more
+    cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = 500
     # > 0: with more classes than this, run the text encoder over chunks of this many
     # classes with activation checkpointing (bounds training memory for very many classes;
     # the shared-prefix path already needs a fraction of the plain path's memory at 1000)

@@ -132,9 +132,13 @@ def validate_cfg(cfg: Any) -> None:
             "FAST.TRAIN_FEATURE_CACHE cannot be combined with DATALOADER.SKIP_UNREADABLE "
             "(the cached views need every training image); turn one of them off"
         )
-    if cfg.FAST.TEXT not in ("auto", "truncate", "plain"):
+    text_modes = ["auto", "shared_prefix", "truncate", "plain"]
+    if cfg.FAST.TEXT not in text_modes:
+        raise ConfigError(f"FAST.TEXT must be one of {text_modes}, got {cfg.FAST.TEXT!r}")
+    if cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES < 0:
         raise ConfigError(
-            f"FAST.TEXT must be one of ['auto', 'truncate', 'plain'], got {cfg.FAST.TEXT!r}"
+            "FAST.GPU_SHARED_PREFIX_MIN_CLASSES must be >= 0, got "
+            f"{cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES}"
         )
     if cfg.FAST.TRAIN_CACHE_VIEWS < 1:
         raise ConfigError(

@@ -632,3 +632,25 @@ def test_cli_subprocess_stderr_is_exactly_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("coop-train: error: ")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("FAST.TEXT", "prefix", "FAST.TEXT must be one of ['auto', 'shared_prefix', 'truncate', "
+         "'plain'], got 'prefix'"),
+        ("FAST.GPU_SHARED_PREFIX_MIN_CLASSES", -1,
+         "FAST.GPU_SHARED_PREFIX_MIN_CLASSES must be >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_fast_text_settings_are_checked(key, value, message):
+    from coop.validation import validate_cfg
+
+    cfg = get_cfg_default()
+    cfg.TRAINER.NAME, cfg.DATASET.NAME, cfg.MODEL.BACKBONE.NAME = "CoOp", "Caltech101", "RN50"
+    validate_cfg(cfg)
+    section, name = key.split(".")
+    cfg[section][name] = value
+    with pytest.raises(ConfigError) as ei:
+        validate_cfg(cfg)
+    assert str(ei.value) == message

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from helpers_train import coop_argv, loss_lines, read_results, zeroshot_argv
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from coop.clip_adapter import SharedPrefixTextEncoder, TextEncoder, load_clip
 from coop.config import get_cfg_default
@@ -50,8 +51,53 @@ def test_text_mode_selection(clip32, position, csc, expected):
     pl = PromptLearner(cfg, NAMES, clip32)
     assert text_mode(cfg, pl) == expected
     assert text_mode(_cfg(ENABLED=False), pl) == "plain"
+    # on a GPU, auto truncates below GPU_SHARED_PREFIX_MIN_CLASSES classes (5 < 500 here)
+    assert text_mode(cfg, pl, "cuda") == "truncate"
+    cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = len(NAMES)
+    assert text_mode(cfg, pl, "cuda") == expected
+    cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = 500
+    cfg.FAST.TEXT = "shared_prefix"  # asked for: on every device, where the prompts allow it
+    assert text_mode(cfg, pl, "cuda") == text_mode(cfg, pl, "cpu") == expected
     cfg.FAST.TEXT = "truncate"
-    assert text_mode(cfg, pl) == "truncate"
+    assert text_mode(cfg, pl) == text_mode(cfg, pl, "cuda") == "truncate"
+    cfg.FAST.TEXT = "plain"
+    assert text_mode(cfg, pl) == text_mode(cfg, pl, "cuda") == "plain"
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen operations run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_gpu_choice_for_few_classes_runs_no_more_operations_than_the_original(clip_deep):
+    """What the GPU default rests on: truncation runs the original's operations (plus a
+    couple), the shared prefix far more of them (though far fewer FLOPs)."""
+    counts = {}
+    for mode in ("plain", "truncate", "shared_prefix"):
+        torch.manual_seed(0)
+        model = CustomCLIP(_cfg(TEXT=mode), NAMES, clip_deep)
+        assert model.text_mode == mode
+        with _CountOps() as ops:
+            model.text_features().sum().backward()
+        counts[mode] = ops.n
+    assert counts["truncate"] <= counts["plain"] * 1.05
+    assert counts["shared_prefix"] > counts["plain"] * 1.2
+    auto = CustomCLIP(_cfg(), NAMES, clip_deep)
+    assert auto.text_modes == {"cpu": "shared_prefix", "cuda": "truncate"}
+
+
+def test_the_text_path_follows_the_device_of_the_context(tiny_vit):
+    model = CustomCLIP(_cfg(), NAMES, load_clip(tiny_vit).float())  # its own copy: moved below
+    assert model.text_mode == "shared_prefix"
+    model.to("meta")  # any device other than the CPU takes the GPU's choice
+    assert model.text_mode == "truncate"
 
 
 @pytest.mark.parametrize("chunk", [0, 2])

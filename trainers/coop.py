@@ -179,14 +179,24 @@ class PromptLearner(nn.Module):
         )
 
 
-def text_mode(cfg, prompt_learner: PromptLearner) -> str:
-    """Which text-encoder path to use: "plain", "truncate" or "shared_prefix"."""
+def text_mode(cfg, prompt_learner: PromptLearner, device: str = "cpu") -> str:
+    """Which text-encoder path to use on ``device`` ("cpu", or a GPU: "cuda"): "plain",
+    "truncate" or "shared_prefix".
+
+    The shared prefix computes the fewest FLOPs but launches about 45% more operations than
+    the original text tower. On a GPU a step with a few hundred classes is bound by the cost
+    of launching operations, not by FLOPs (benchmarks/README.md, "Full run on a GPU"), so
+    there ``auto`` truncates at the last end-of-text token (the original's operations over
+    fewer tokens) below ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES`` classes."""
     if not cfg.FAST.ENABLED or cfg.FAST.TEXT == "plain":
         return "plain"
     shared = prompt_learner.ctx.dim() == 2 and prompt_learner.class_token_position == "end"
-    if cfg.FAST.TEXT == "auto" and shared:
-        return "shared_prefix"
-    return "truncate"
+    if not shared or cfg.FAST.TEXT == "truncate":
+        return "truncate"
+    if cfg.FAST.TEXT == "auto" and device != "cpu":
+        if prompt_learner.n_cls < cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES:
+            return "truncate"
+    return "shared_prefix"
 
 
 class CustomCLIP(nn.Module):
@@ -200,14 +210,19 @@ class CustomCLIP(nn.Module):
         self.logit_scale = clip_model.logit_scale
         self.dtype = clip_model.dtype
         self._cached_text_features: Optional[torch.Tensor] = None
-        self.text_mode = text_mode(cfg, self.prompt_learner)
+        # the text path on a CPU and on a GPU; the one of the context's device is used
+        self.text_modes = {d: text_mode(cfg, self.prompt_learner, d) for d in ("cpu", "cuda")}
         chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
-        self.text_encoder = TextEncoder(clip_model, eot_truncate=self.text_mode == "truncate")
+        self.text_encoder = TextEncoder(clip_model)
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
         self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
         self.channels_last = channels_last_for(cfg, self.image_encoder)
-        if self.text_mode != "plain":
-            logger.info(f"Text encoder fast path: {self.text_mode}")
+
+    @property
+    def text_mode(self) -> str:
+        """The text path on the device the prompt learner is on now."""
+        on_cpu = self.prompt_learner.ctx.device.type == "cpu"
+        return self.text_modes["cpu" if on_cpu else "cuda"]
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features, (n_cls, embed_dim)."""
@@ -215,9 +230,12 @@ class CustomCLIP(nn.Module):
             return self._cached_text_features
         pl = self.prompt_learner
         tokenized = self.tokenized_prompts.to(pl.ctx.device)
-        if self.text_mode == "shared_prefix":
+        mode = self.text_mode
+        if mode == "shared_prefix":
             prefix = torch.cat([pl.token_prefix[0], pl.ctx], dim=0)  # (1 + n_ctx, D)
             text_features = self.shared_prefix_encoder(prefix, pl.token_suffix, tokenized)
+        elif mode == "truncate":
+            text_features = self.text_encoder.forward_truncated(pl(), tokenized)
         else:
             text_features = self.text_encoder(pl(), tokenized)
         return text_features / text_features.norm(dim=-1, keepdim=True)
@@ -291,6 +309,8 @@ class CoOp(CLIPTrainer):
             self.load_pretrained_prompt(cfg.MODEL.INIT_WEIGHTS)
 
         self.model.to(self.device)
+        if self.model.text_mode != "plain":
+            logger.info(f"Text encoder fast path: {self.model.text_mode}")
         self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
