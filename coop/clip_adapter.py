@@ -652,17 +652,25 @@ class TextEncoder(nn.Module):
         return x
 
     def forward_truncated(
-        self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor
+        self,
+        prompts: torch.Tensor,
+        tokenized_prompts: torch.Tensor,
+        length: Optional[int] = None,
     ) -> torch.Tensor:
+        """The EOT features computed over the first ``length`` positions only (default: up to
+        the last EOT token). With ``length`` given and ``tokenized_prompts`` on the prompts'
+        device, nothing waits for the device: no value is read back to the host."""
         eot = tokenized_prompts.argmax(dim=-1)  # (n,)
-        length = int(eot.max()) + 1
+        if length is None:
+            length = int(eot.max()) + 1
         x = prompts[:, :length] + self.positional_embedding[:length].type(self.dtype)
         x = x.permute(1, 0, 2)  # NLD -> LND, L = length
         with _causal_masks_cut_to(self.transformer, length):
             x = self.transformer(x)
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_final(x).type(self.dtype)
-        x = x[torch.arange(x.shape[0]), eot] @ self.text_projection
+        rows = torch.arange(x.shape[0], device=x.device)
+        x = x[rows, eot.to(x.device)] @ self.text_projection
         return x
 
 
@@ -759,6 +767,26 @@ def _suffix_blocks(lengths: Tuple[int, ...], p: int, block_rows: int, device: st
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _pack_index(lengths: Tuple[int, ...], device: str) -> torch.Tensor:
+    """Rows of the (n * max(lengths)) padded suffix rows that belong to a class, in order:
+    the packing of the suffixes as a gather with a fixed index (a boolean mask would read
+    its count back to the host). Built outside inference mode, like :func:`_suffix_blocks`."""
+    with torch.inference_mode(False):
+        lm = max(lengths)
+        idx = [i * lm + j for i, length in enumerate(lengths) for j in range(length)]
+        return torch.tensor(idx, dtype=torch.long).to(torch.device(device))
+
+
+def suffix_lengths(tokenized_prompts: torch.Tensor, prefix_len: int) -> Tuple[int, ...]:
+    """Each prompt's token count after a shared prefix of ``prefix_len`` tokens, up to and
+    including its end-of-text token (read on the host once, not every step)."""
+    eot = tokenized_prompts.argmax(dim=-1)
+    if int(eot.min()) < prefix_len:
+        raise ValueError("an end-of-text token lies inside the shared prefix")
+    return tuple(int(v) for v in (eot - prefix_len + 1).tolist())
+
+
 def encode_shared_prefix(
     transformer: nn.Module, x_p: torch.Tensor, x_s: torch.Tensor, lengths: Sequence[int]
 ) -> torch.Tensor:
@@ -835,29 +863,33 @@ class SharedPrefixTextEncoder(TextEncoder):
         self.class_chunk = class_chunk
 
     def forward(  # type: ignore[override]
-        self, prefix: torch.Tensor, suffix: torch.Tensor, tokenized_prompts: torch.Tensor
+        self,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+        tokenized_prompts: torch.Tensor,
+        lengths: Optional[Tuple[int, ...]] = None,
     ) -> torch.Tensor:
         """``prefix`` (P, D) shared embeddings, ``suffix`` (n, 77 - P, D) per-class
-        embeddings, ``tokenized_prompts`` (n, 77) -> text features (n, embed_dim)."""
+        embeddings, ``tokenized_prompts`` (n, 77) -> text features (n, embed_dim).
+        ``lengths``: :func:`suffix_lengths` of the prompts, computed once by the caller; with
+        them nothing in the pass reads a value back from the device."""
         p, d = prefix.shape
         pos = self.positional_embedding.type(self.dtype)
-        eot = tokenized_prompts.argmax(dim=-1)  # (n,)
-        if int(eot.min()) < p:
-            raise ValueError("an end-of-text token lies inside the shared prefix")
+        if lengths is None:
+            lengths = suffix_lengths(tokenized_prompts, p)
         x_p = prefix + pos[:p]
         # each class runs only up to its own end-of-text token
-        lengths = (eot - p + 1).tolist()
         n = len(lengths)
         chunked = bool(self.class_chunk) and torch.is_grad_enabled() and n > self.class_chunk
         step = self.class_chunk if chunked else n
 
         def run(x_prefix: torch.Tensor, a: int, b: int) -> torch.Tensor:
             # classes a..b-1 -> their features at the end-of-text tokens, (b - a, embed_dim)
-            lens = lengths[a:b]
+            lens = tuple(lengths[a:b])
             lm = max(lens)
-            valid = torch.arange(lm, device=suffix.device)[None, :] < eot[a:b, None] - p + 1
             padded = suffix[a:b, :lm] + pos[p : p + lm]
-            x_s = padded.reshape(-1, d)[valid.reshape(-1)]  # packed, one class after another
+            # packed, one class after another
+            x_s = padded.reshape(-1, d).index_select(0, _pack_index(lens, str(suffix.device)))
             h = encode_shared_prefix(self.transformer, x_prefix, x_s, lens)
             return self.ln_final(h).type(self.dtype) @ self.text_projection
 

@@ -12,7 +12,10 @@ import pytest
 import torch
 from helpers_train import coop_argv, read_results, zeroshot_argv
 
+from coop.clip_adapter import load_clip
+from coop.config import get_cfg_default
 from coop.train import main
+from coop.trainers.coop import CustomCLIP
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -134,3 +137,20 @@ def test_prompt_trained_on_the_gpu_evaluates_on_the_cpu(data_root, tiny_rn, tmp_
     assert "model.pth.tar-2" in log
     # fp16 on the GPU against fp32 on the CPU: at most a couple of test images differ
     assert read_results(ev)["metrics"]["accuracy"] == pytest.approx(trained, abs=3 * 100 / 60)
+
+
+@pytest.mark.parametrize("text", ["truncate", "shared_prefix"])
+def test_fast_text_step_does_not_wait_for_the_gpu(tiny_vit, text):
+    cfg = get_cfg_default()
+    cfg.INPUT.SIZE = (32, 32)
+    cfg.FAST.TEXT = text
+    names = ["face", "hello kitty", "a very long class name of words"]
+    model = CustomCLIP(cfg, names, load_clip(tiny_vit).float()).cuda()
+    assert model.text_mode == text
+    model.text_features().sum().backward()  # the first pass builds the cached layouts
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.text_features().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -93,6 +93,25 @@ def test_the_gpu_choice_for_few_classes_runs_no_more_operations_than_the_origina
     assert auto.text_modes == {"cpu": "shared_prefix", "cuda": "truncate"}
 
 
+@pytest.mark.parametrize("text", ["auto", "shared_prefix", "truncate"])
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_fast_text_step_reads_nothing_back_from_the_device(tiny_vit, text, chunk):
+    """On a GPU every value read back to the host (``.item()``, ``int()``, ``.tolist()``,
+    boolean-mask indexing) makes the host wait for the device. On the meta device, which
+    holds no values, each such read raises: the text side's forward and backward must run
+    there as they run in a training step."""
+    cfg = _cfg(TEXT=text, CLASS_CHUNK=chunk)
+    torch.manual_seed(0)
+    model = CustomCLIP(cfg, NAMES, load_clip(tiny_vit).float()).to("meta")
+    model.text_features().sum().backward()
+    assert model.prompt_learner.ctx.grad.shape == model.prompt_learner.ctx.shape
+    # the same on the original's path fails: it reads the longest prompt back
+    before = TextEncoder(load_clip(tiny_vit).float(), eot_truncate=True).to("meta")
+    pl = model.prompt_learner
+    with pytest.raises(RuntimeError, match="meta"):
+        before(pl(), model.tokenized_on_device)
+
+
 def test_the_text_path_follows_the_device_of_the_context(tiny_vit):
     model = CustomCLIP(_cfg(), NAMES, load_clip(tiny_vit).float())  # its own copy: moved below
     assert model.text_mode == "shared_prefix"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from coop.clip_adapter import (
     channels_last_input,
     fold_batch_norms,
     load_clip,
+    suffix_lengths,
     token_length,
     tokenize,
     use_channels_last,
@@ -217,6 +218,15 @@ class CustomCLIP(nn.Module):
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
         self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
         self.channels_last = channels_last_for(cfg, self.image_encoder)
+        # What the fast text paths need of the token ids, read on the host once here and kept
+        # on the model's device, so that a training step never waits for the device (the
+        # plain path indexes with the CPU ids, as the original does).
+        self.register_buffer("tokenized_on_device", self.tokenized_prompts, persistent=False)
+        self.text_length = int(self.tokenized_prompts.argmax(dim=-1).max()) + 1
+        self.suffix_lengths: Optional[Tuple[int, ...]] = None
+        if "shared_prefix" in self.text_modes.values():
+            p = self.prompt_learner.token_prefix.shape[1] + self.prompt_learner.n_ctx
+            self.suffix_lengths = suffix_lengths(self.tokenized_prompts, p)
 
     @property
     def text_mode(self) -> str:
@@ -229,15 +239,19 @@ class CustomCLIP(nn.Module):
         if self._cached_text_features is not None:
             return self._cached_text_features
         pl = self.prompt_learner
-        tokenized = self.tokenized_prompts.to(pl.ctx.device)
         mode = self.text_mode
+        tokenized = self.tokenized_on_device
         if mode == "shared_prefix":
             prefix = torch.cat([pl.token_prefix[0], pl.ctx], dim=0)  # (1 + n_ctx, D)
-            text_features = self.shared_prefix_encoder(prefix, pl.token_suffix, tokenized)
+            text_features = self.shared_prefix_encoder(
+                prefix, pl.token_suffix, tokenized, lengths=self.suffix_lengths
+            )
         elif mode == "truncate":
-            text_features = self.text_encoder.forward_truncated(pl(), tokenized)
+            text_features = self.text_encoder.forward_truncated(
+                pl(), tokenized, length=self.text_length
+            )
         else:
-            text_features = self.text_encoder(pl(), tokenized)
+            text_features = self.text_encoder(pl(), self.tokenized_prompts.to(pl.ctx.device))
         return text_features / text_features.norm(dim=-1, keepdim=True)
 
     @contextlib.contextmanager
