@@ -132,6 +132,7 @@ class Plan:
     workers: int
     threads: int = 0
     sweep_seeds: Tuple[int, ...] = SEEDS
+    fast_opts: Tuple[str, ...] = ()  # extra config opts of every fast path (--fast-opt)
     tmp: str = ""
     _clips: Dict[Tuple[str, str], Any] = field(default_factory=dict)
     _memory: Dict[Tuple[str, bool], Any] = field(default_factory=dict)
@@ -309,6 +310,10 @@ def build_coop(plan: Plan, clip_model, shape: Shape, classnames: Sequence[str], 
     cfg.TRAINER.COOP.CSC = False
     cfg.TRAINER.COOP.CTX_INIT = ""
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"
+    if fast and plan.fast_opts:
+        from coop.config import merge_from_list
+
+        merge_from_list(cfg, list(plan.fast_opts), where="--fast-opt")
     cfg.freeze()
     # the prompt learner embeds its tokens on the CPU (the trainer builds before .to(device))
     emb = clip_model.token_embedding
@@ -1077,7 +1082,7 @@ def case_eval_warm(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
         return os.path.join(plan.tmp, f"eval_warm_{n[0]}")
 
     plain_opts = ["FAST.ENABLED", "False"]
-    fast_opts = ["FAST.EVAL_FEATURE_CACHE", "True", "FAST.CACHE_DIR", cache]
+    fast_opts = ["FAST.EVAL_FEATURE_CACHE", "True", "FAST.CACHE_DIR", cache, *plan.fast_opts]
     run_main(env.argv(data, out(), *plain_opts, eval_only=True))  # warm-up (imports, kernels)
     cold = run_main(env.argv(data, out(), *fast_opts, eval_only=True))  # fills the cache
     if not _feature_implemented("EVAL_FEATURE_CACHE") or _dir_files(cache) == 0:
@@ -1144,11 +1149,12 @@ def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
     train_cache = _feature_implemented("TRAIN_FEATURE_CACHE")
     configs = {
         "plain": ["FAST.ENABLED", "False"],
-        "fast": ["FAST.CACHE_DIR", os.path.join(plan.tmp, "sweep_cache_fast")],
+        "fast": ["FAST.CACHE_DIR", os.path.join(plan.tmp, "sweep_cache_fast"), *plan.fast_opts],
         "fast+train_cache": [
             "FAST.CACHE_DIR", os.path.join(plan.tmp, "sweep_cache_train"),
             "FAST.TRAIN_FEATURE_CACHE", "True",
             "FAST.TRAIN_CACHE_VIEWS", str(views),
+            *plan.fast_opts,
         ],
     }  # fmt: skip
     if not train_cache:
@@ -1234,6 +1240,7 @@ def machine_line(plan: Plan) -> str:
         f"{platform.processor() or platform.machine()} | {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} torch threads | torch {torch.__version__} | device {dev} | "
         f"PREC {plan.prec} | {'quick' if plan.quick else 'full'}"
+        + (f" | fast opts {' '.join(plan.fast_opts)}" if plan.fast_opts else "")
     )
 
 
@@ -1272,6 +1279,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=len(SEEDS),
         help=f"seeds per shot count in the sweep (1-{len(SEEDS)}; default {len(SEEDS)}, as the paper)",
     )
+    p.add_argument(
+        "--fast-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config opt for every fast path, e.g. FAST.CUDA_GRAPHS=True (repeatable)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -1302,6 +1316,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.eval_batches:
         plan.eval_batches = args.eval_batches
     plan.sweep_seeds = SEEDS[: args.sweep_seeds]
+    fast_opts: List[str] = []
+    for opt in args.fast_opt:
+        key, sep, value = opt.partition("=")
+        if not sep or not key.startswith("FAST."):
+            p.error(f"--fast-opt takes FAST.KEY=VALUE, got {opt!r}")
+        fast_opts += [key, value]
+    if fast_opts:
+        from coop.config import ConfigError, get_cfg_default, merge_from_list
+
+        try:
+            merge_from_list(get_cfg_default(), fast_opts, where="--fast-opt")
+        except ConfigError as e:
+            p.error(str(e))
+    plan.fast_opts = tuple(fast_opts)
     threads = args.threads or (1 if plan.quick and not plan.cuda else 0)
     if threads:
         torch.set_num_threads(threads)

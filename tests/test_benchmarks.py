@@ -130,3 +130,34 @@ def test_sweep_seeds_out_of_range_is_refused():
     )
     assert out.returncode == 2
     assert "--sweep-seeds must be between 1 and 3, got 4" in out.stderr
+
+
+def test_fast_opts_reach_the_fast_models_only(tmp_path):
+    from coop.clip_adapter import load_clip
+    from coop.testing.tiny_clip import save_tiny_clip
+
+    clip = load_clip(save_tiny_clip(str(tmp_path / "c.pt"), arch="vit")).float()
+    plan = bench.make_plan(True, "cpu")
+    plan.fast_opts = ("FAST.TEXT", "truncate", "FAST.CUDA_GRAPHS", "True")
+    shape = bench.Shape("tiny", (0, 32), 2, 2)  # only the resolution is read
+    fast, _ = bench.build_coop(plan, clip, shape, ["a", "b c"], fast=True)
+    plain, _ = bench.build_coop(plan, clip, shape, ["a", "b c"], fast=False)
+    assert fast.text_mode == "truncate" and fast.cuda_graphs
+    assert plain.text_mode == "plain" and not plain.cuda_graphs
+    assert "fast opts FAST.TEXT truncate FAST.CUDA_GRAPHS True" in bench.machine_line(plan)
+
+
+@pytest.mark.parametrize(
+    "opt, message",
+    [
+        ("TRAIN.X=1", "--fast-opt takes FAST.KEY=VALUE, got 'TRAIN.X=1'"),
+        ("FAST.NOPE=1", "Unknown config key 'FAST.NOPE' in --fast-opt"),
+    ],
+)
+def test_bad_fast_opt_is_refused(opt, message):
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--fast-opt", opt],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and message in out.stderr

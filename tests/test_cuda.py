@@ -154,3 +154,76 @@ def test_fast_text_step_does_not_wait_for_the_gpu(tiny_vit, text):
         model.text_features().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def _graph_cfg(text: str, graphs: bool, prec: str = "fp32"):
+    cfg = get_cfg_default()
+    cfg.INPUT.SIZE = (32, 32)
+    cfg.FAST.TEXT = text
+    cfg.FAST.CUDA_GRAPHS = graphs
+    cfg.TRAINER.COOP.PREC = prec
+    return cfg
+
+
+@pytest.mark.parametrize("text", ["truncate", "shared_prefix", "plain"])
+def test_cuda_graph_steps_follow_the_eager_trajectory(tiny_rn, text):
+    """Five SGD steps on the text side and a frozen ResNet: the replayed graphs give the
+    eager losses, gradients and context, step after step, and record once."""
+    from coop.optim import build_optimizer
+
+    names = ["face", "hello kitty", "a very long class name of words", "motorbike"]
+    runs = {}
+    for graphs in (False, True):
+        cfg = _graph_cfg(text, graphs)
+        torch.manual_seed(0)
+        model = CustomCLIP(cfg, names, load_clip(tiny_rn).float())
+        for n, p in model.named_parameters():
+            p.requires_grad_("prompt_learner" in n)
+        model.cuda().eval()
+        optim = build_optimizer(model.prompt_learner, cfg.OPTIM)
+        g = torch.Generator().manual_seed(1)
+        losses, grads = [], []
+        for _ in range(5):
+            images = torch.randn(6, 3, 32, 32, generator=g).cuda()
+            labels = torch.randint(0, len(names), (6,), generator=g).cuda()
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            optim.zero_grad()
+            loss.backward()
+            grads.append(model.prompt_learner.ctx.grad.detach().clone())
+            optim.step()
+            losses.append(loss.item())
+        runs[graphs] = (losses, grads, model.prompt_learner.ctx.detach().clone(), model)
+    (le, ge, ce, _), (lg, gg, cg, graphed) = runs[False], runs[True]
+    assert graphed._graphed_text is not None and graphed._graphed_image is not None
+    assert len(graphed._graphed_image._graphs) == 1  # one batch shape, recorded once
+    assert lg == pytest.approx(le, rel=1e-5, abs=1e-6)
+    for a, b in zip(gg, ge):
+        assert _rel(a, b) < 1e-4
+    assert _rel(cg, ce) < 1e-5
+
+
+def test_cuda_graph_image_encoder_keeps_earlier_outputs_and_other_shapes(tiny_rn):
+    cfg = _graph_cfg("truncate", True, prec="fp16")
+    model = CustomCLIP(cfg, ["a", "b"], load_clip(tiny_rn)).cuda().eval()
+    eager = CustomCLIP(_graph_cfg("truncate", False, "fp16"), ["a", "b"], load_clip(tiny_rn))
+    eager = eager.cuda().eval()
+    with torch.no_grad():
+        xs = [torch.randn(n, 3, 32, 32, device="cuda") for n in (8, 8, 3, 5, 7, 9, 8)]
+        outs = [model.encode_image(x) for x in xs]
+        for x, out in zip(xs, outs):  # earlier outputs are not overwritten by later replays
+            assert torch.allclose(out.float(), eager.encode_image(x).float(), atol=2e-3)
+    # four shapes recorded (8, 3, 5, 7); the fifth (9) ran eagerly
+    assert sorted(k[0][0] for k in model._graphed_image._graphs) == [3, 5, 7, 8]
+
+
+def test_training_with_cuda_graphs_matches_eager_end_to_end(data_root, tiny_rn, tmp_path):
+    runs = {}
+    for graphs in ("False", "True"):
+        out = str(tmp_path / graphs)
+        _train_on_gpu(data_root, out, tiny_rn, "fp16", "True", "FAST.CUDA_GRAPHS", graphs)
+        runs[graphs] = (_losses(out), _ctx(out, 2), out)
+    log = open(os.path.join(runs["True"][2], "log.txt"), encoding="utf-8").read()
+    assert "CUDA graphs (opt-in): text side and image encoder are replayed" in log
+    assert "Text side recorded as CUDA graphs" in log
+    assert runs["True"][0] == pytest.approx(runs["False"][0], abs=LOSS_TOL["fp16"])
+    assert _rel(runs["True"][1], runs["False"][1]) < CTX_TOL["fp16"]

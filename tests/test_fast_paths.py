@@ -489,3 +489,36 @@ def test_persistent_workers_draw_the_original_augmentations(data_root, tiny_vit,
     assert lines_a == lines_b
     assert torch.equal(ckpt_a["state_dict"]["ctx"], ckpt_b["state_dict"]["ctx"])
     assert res_a["metrics"] == res_b["metrics"]
+
+
+def test_cuda_graphs_are_opt_in_and_leave_other_devices_and_precisions_eager(
+    data_root, tiny_rn, tmp_path
+):
+    from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide
+
+    assert get_cfg_default().FAST.CUDA_GRAPHS is False
+    on = _cfg(CUDA_GRAPHS=True)
+    assert CustomCLIP(on, NAMES, load_clip(tiny_rn).float()).cuda_graphs
+    on.TRAINER.COOP.PREC = "amp"
+    assert not CustomCLIP(on, NAMES, load_clip(tiny_rn).float()).cuda_graphs
+    assert not CustomCLIP(_cfg(), NAMES, load_clip(tiny_rn).float()).cuda_graphs
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedTextSide(lambda c: c * 2, torch.zeros(3, requires_grad=True))
+    calls = []
+    enc = GraphedImageEncoder(lambda x: calls.append(1) or x + 1)
+    assert torch.equal(enc(torch.ones(2)), torch.full((2,), 2.0)) and calls == [1]
+    # a CPU run with the option trains exactly as without it, and says why
+    runs = {}
+    for graphs in ("False", "True"):
+        out = str(tmp_path / graphs)
+        argv = coop_argv(
+            data_root, out, tiny_rn, 1, 2, "OPTIM.MAX_EPOCH", "1", "TRAIN.PRINT_FREQ", "1",
+            "FAST.CUDA_GRAPHS", graphs, "USE_CUDA", "False",
+        )  # fmt: skip
+        assert main(argv) == 0
+        runs[graphs] = out
+    log = open(os.path.join(runs["True"], "log.txt"), encoding="utf-8").read()
+    assert "FAST.CUDA_GRAPHS needs a CUDA device; on cpu the run is computed without" in log
+    assert loss_lines(os.path.join(runs["True"], "log.txt")) == loss_lines(
+        os.path.join(runs["False"], "log.txt")
+    )

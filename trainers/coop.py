@@ -28,6 +28,7 @@ from coop.clip_adapter import (
     use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
+from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide
 from coop.feature_cache import default_cache_dir
 from coop.io import CheckpointError
 from coop.optim import build_lr_scheduler, build_optimizer
@@ -127,9 +128,10 @@ class PromptLearner(nn.Module):
         self.name_lens = name_lens
         self.class_token_position = opts.CLASS_TOKEN_POSITION
 
-    def forward(self) -> torch.Tensor:
-        """Prompt embeddings, (n_cls, 77, ctx_dim)."""
-        ctx = self.ctx
+    def forward(self, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prompt embeddings, (n_cls, 77, ctx_dim), of the context ``ctx`` (default: the
+        learnable context itself)."""
+        ctx = self.ctx if ctx is None else ctx
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
         prefix = self.token_prefix
@@ -216,6 +218,13 @@ class CustomCLIP(nn.Module):
         chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
         self.text_encoder = TextEncoder(clip_model)
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
+        # opt-in: the text side and the image encoder replayed as CUDA graphs (fp16 / fp32)
+        self.cuda_graphs = bool(
+            cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS and cfg.TRAINER.COOP.PREC in ("fp16", "fp32")
+        )
+        self.class_chunk = chunk
+        self._graphed_text: Optional[GraphedTextSide] = None
+        self._graphed_image: Optional[GraphedImageEncoder] = None
         self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
         self.channels_last = channels_last_for(cfg, self.image_encoder)
         # What the fast text paths need of the token ids, read on the host once here and kept
@@ -238,20 +247,42 @@ class CustomCLIP(nn.Module):
         """L2-normalised class text features, (n_cls, embed_dim)."""
         if self._cached_text_features is not None:
             return self._cached_text_features
+        ctx = self.prompt_learner.ctx
+        if self._graph_text_side(ctx):
+            if self._graphed_text is None or not self._graphed_text.matches(ctx):
+                self._graphed_text = GraphedTextSide(self._text_features_of, ctx)
+                logger.info("Text side recorded as CUDA graphs (forward and backward)")
+            return self._graphed_text(ctx)
+        return self._text_features_of(ctx)
+
+    def _graph_text_side(self, ctx: torch.Tensor) -> bool:
+        """Replay the text side from CUDA graphs: opted in, on a GPU, in a training pass
+        (evaluation computes it once), without autocast and without class chunks (whose
+        activation checkpointing recomputes in the backward)."""
+        return (
+            self.cuda_graphs
+            and ctx.is_cuda
+            and ctx.requires_grad
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled()
+            and not (self.class_chunk and self.prompt_learner.n_cls > self.class_chunk)
+        )
+
+    def _text_features_of(self, ctx: torch.Tensor) -> torch.Tensor:
         pl = self.prompt_learner
         mode = self.text_mode
         tokenized = self.tokenized_on_device
         if mode == "shared_prefix":
-            prefix = torch.cat([pl.token_prefix[0], pl.ctx], dim=0)  # (1 + n_ctx, D)
+            prefix = torch.cat([pl.token_prefix[0], ctx], dim=0)  # (1 + n_ctx, D)
             text_features = self.shared_prefix_encoder(
                 prefix, pl.token_suffix, tokenized, lengths=self.suffix_lengths
             )
         elif mode == "truncate":
             text_features = self.text_encoder.forward_truncated(
-                pl(), tokenized, length=self.text_length
+                pl(ctx), tokenized, length=self.text_length
             )
         else:
-            text_features = self.text_encoder(pl(), self.tokenized_prompts.to(pl.ctx.device))
+            text_features = self.text_encoder(pl(ctx), self.tokenized_prompts.to(ctx.device))
         return text_features / text_features.norm(dim=-1, keepdim=True)
 
     @contextlib.contextmanager
@@ -269,6 +300,13 @@ class CustomCLIP(nn.Module):
         image = image.type(self.dtype)
         if self.channels_last:
             image = channels_last_input(image)
+        if self.cuda_graphs and image.is_cuda and not torch.is_autocast_enabled():
+            if self._graphed_image is None:
+                self._graphed_image = GraphedImageEncoder(self._image_features_of)
+            return self._graphed_image(image)
+        return self._image_features_of(image)
+
+    def _image_features_of(self, image: torch.Tensor) -> torch.Tensor:
         image_features = self.image_encoder(image)
         return image_features / image_features.norm(dim=-1, keepdim=True)
 
@@ -325,6 +363,19 @@ class CoOp(CLIPTrainer):
         self.model.to(self.device)
         if self.model.text_mode != "plain":
             logger.info(f"Text encoder fast path: {self.model.text_mode}")
+        if cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS:
+            if not self.model.cuda_graphs:
+                logger.warning(
+                    f"FAST.CUDA_GRAPHS works with PREC fp16 and fp32 only; PREC {prec} runs "
+                    "without CUDA graphs"
+                )
+            elif self.device.type != "cuda":
+                logger.warning(
+                    f"FAST.CUDA_GRAPHS needs a CUDA device; on {self.device.type} the run is "
+                    "computed without CUDA graphs"
+                )
+            else:
+                logger.info("CUDA graphs (opt-in): text side and image encoder are replayed")
         self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)

@@ -1,0 +1,96 @@
+"""CUDA graphs for CoOp's fixed-shape work (``FAST.CUDA_GRAPHS``, opt-in).
+
+On a GPU a CoOp step with a few hundred classes is bound by the host's cost of launching
+operations, not by arithmetic (benchmarks/README.md, "Full run on a GPU"). Two parts of the
+step have the same shapes every time and can be recorded once and replayed as one launch:
+
+- the text side, context -> class text features, forward and backward
+  (:class:`GraphedTextSide`, through ``torch.cuda.make_graphed_callables``): the context is
+  its only input; the frozen encoder's weights are constants of the graph;
+- the frozen image encoder's forward for each batch shape (:class:`GraphedImageEncoder`).
+
+A replay computes what the eager code computes, with the same kernels. Only fp16 and fp32
+are graphed (autocast, as amp and bf16 use, is not); the CPU and any other device run
+eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# graphs kept per image encoder: the training batch, a smaller last batch, the test batches
+MAX_IMAGE_SHAPES = 4
+
+
+class GraphedTextSide:
+    """``fn(ctx) -> text features`` recorded as a forward and a backward CUDA graph.
+
+    ``ctx`` is the prompt learner's context parameter; calling the graphed side with it
+    copies its values into the graph's input, replays the forward and, in the backward,
+    replays the backward graph, whose gradient reaches ``ctx.grad`` as an eager backward's
+    would. The graphs are recorded on first use, after ``warmup`` eager passes on a side
+    stream (on a clone of the context, so its gradient is not touched)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], ctx: torch.Tensor, warmup=3):
+        if ctx.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the context on a CUDA device, not {ctx.device}")
+        sample = ctx.detach().clone().requires_grad_(True)
+        self.shape, self.dtype, self.device = ctx.shape, ctx.dtype, ctx.device
+        self._graphed = torch.cuda.make_graphed_callables(fn, (sample,), num_warmup_iters=warmup)
+
+    def matches(self, ctx: torch.Tensor) -> bool:
+        return ctx.shape == self.shape and ctx.dtype == self.dtype and ctx.device == self.device
+
+    def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
+        return self._graphed(ctx)
+
+
+class GraphedImageEncoder:
+    """A frozen image encoder's forward, ``fn(images) -> features``, replayed from a CUDA
+    graph recorded per input shape, dtype and memory layout (at most ``max_shapes``; other
+    shapes run eagerly). No gradient is recorded: the encoder is frozen. The features are
+    returned as a copy, so a later replay cannot overwrite them."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_shapes=MAX_IMAGE_SHAPES):
+        self.fn = fn
+        self.max_shapes = max_shapes
+        self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> Tuple:
+        # inference mode too: a graph's input recorded there cannot be written outside it
+        inference = torch.is_inference_mode_enabled()
+        return (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, inference)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = self._key(x)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_shapes or x.device.type != "cuda":
+                with torch.no_grad():
+                    return self.fn(x)
+            entry = self._record(x)
+            self._graphs[key] = entry
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _record(self, x: torch.Tensor):
+        static_in = x.detach().clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):  # let cudnn pick its algorithms before recording
+                self.fn(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = self.fn(static_in)
+        logger.info(f"Image encoder recorded as a CUDA graph for input {tuple(x.shape)}")
+        return graph, static_in, static_out
