@@ -1,7 +1,9 @@
 """A base for trainers over a frozen CLIP image encoder (CoOp, the zero-shot baselines, ...).
 
-It adds two things to :class:`~coop.engine.TrainerX`, both driven by the ``FAST`` config node:
+It adds three things to :class:`~coop.engine.TrainerX`, driven by the ``FAST`` config node:
 
+- evaluation under ``torch.inference_mode`` (``FAST.ENABLED``; the original's ``no_grad``
+  otherwise): the same numbers without autograd's bookkeeping of versions and views;
 - evaluation through the disk cache of image features (``FAST.EVAL_FEATURE_CACHE``): the
   features of an evaluation split are computed once, with the same batches and operations as
   the plain path (so the logits are bit-identical), and reused by later runs;
@@ -66,6 +68,13 @@ class CLIPTrainer(TrainerX):
         its convolutions (``FAST.FOLD_BN``; part of the cache key, as it changes float
         rounding)."""
         return False
+
+    def evaluation_context(self):
+        """Evaluation under inference mode on the fast path: the frozen encoders record no
+        autograd state at all (the original's ``no_grad`` still tracks versions and views)."""
+        if not self.cfg.FAST.ENABLED:
+            return super().evaluation_context()
+        return torch.inference_mode()
 
     # ------------------------------------------------------------------ evaluation cache
     def eval_cache_enabled(self) -> bool:

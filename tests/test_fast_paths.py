@@ -522,3 +522,39 @@ def test_cuda_graphs_are_opt_in_and_leave_other_devices_and_precisions_eager(
     assert loss_lines(os.path.join(runs["True"], "log.txt")) == loss_lines(
         os.path.join(runs["False"], "log.txt")
     )
+
+
+def test_evaluation_runs_under_inference_mode_and_training_goes_on_after_it(
+    data_root, learnable_clip, tmp_path, monkeypatch
+):
+    """Fast path: evaluations (here one on the val split after each epoch) run under
+    inference mode, and the epochs after them still train, with the plain path's losses."""
+    seen = {}
+    original = CustomCLIP.logits
+
+    def logits(self, image_features):
+        if not torch.is_grad_enabled():
+            seen.setdefault(self.text_mode, set()).add(torch.is_inference_mode_enabled())
+        return original(self, image_features)
+
+    monkeypatch.setattr(CustomCLIP, "logits", logits)
+    runs = {}
+    for fast in ("False", "True"):
+        out = str(tmp_path / fast)
+        argv = coop_argv(
+            data_root, out, learnable_clip, 1, 4, "OPTIM.MAX_EPOCH", "3",
+            "DATALOADER.TRAIN_X.BATCH_SIZE", "8", "TRAIN.PRINT_FREQ", "1",
+            "TEST.FINAL_MODEL", "best_val", "FAST.ENABLED", fast,
+        )  # fmt: skip
+        assert main(argv) == 0
+        runs[fast] = out
+    assert seen == {"plain": {False}, "shared_prefix": {True}}
+    log = open(os.path.join(runs["True"], "log.txt"), encoding="utf-8").read()
+    assert log.count("Evaluate on the *val* set") == 3
+    fast_losses = [float(x.split()[5]) for x in loss_lines(os.path.join(runs["True"], "log.txt"))]
+    plain = [float(x.split()[5]) for x in loss_lines(os.path.join(runs["False"], "log.txt"))]
+    assert len(fast_losses) == len(plain) == 15
+    assert fast_losses == pytest.approx(plain, abs=2e-4)
+    assert read_results(runs["True"])["metrics"] == pytest.approx(
+        read_results(runs["False"])["metrics"], abs=1e-6
+    )

@@ -459,7 +459,10 @@ class CoOp(CLIPTrainer):
     def evaluation_context(self):
         if not self.cfg.FAST.ENABLED:  # the original recomputes them for every batch
             return contextlib.nullcontext()
-        return self.model.frozen_text_features()
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().evaluation_context())  # inference mode
+        stack.enter_context(self.model.frozen_text_features())
+        return stack
 
     def prepare_loaded_state_dict(self, name, state_dict, path):
         state_dict = dict(state_dict)
