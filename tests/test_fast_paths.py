@@ -558,3 +558,27 @@ def test_evaluation_runs_under_inference_mode_and_training_goes_on_after_it(
     assert read_results(runs["True"])["metrics"] == pytest.approx(
         read_results(runs["False"])["metrics"], abs=1e-6
     )
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_batches_are_copied_to_the_device_without_blocking_on_the_fast_path(fast):
+    from types import SimpleNamespace
+
+    from coop.clip_trainer import CLIPTrainer
+
+    calls = []
+
+    class Recording(torch.Tensor):
+        def to(self, *args, **kwargs):
+            calls.append(kwargs.get("non_blocking"))
+            return torch.Tensor.to(torch.Tensor(self), *args, **kwargs)
+
+    img, label = torch.randn(2, 3, 4, 4), torch.tensor([1, 0])
+    cfg = _cfg(ENABLED=fast)
+    trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
+    trainer._to_device = lambda batch: CLIPTrainer._to_device(trainer, batch)
+    batch = {"img": img.as_subclass(Recording), "label": label.as_subclass(Recording)}
+    for parse in (CLIPTrainer.parse_batch_train, CLIPTrainer.parse_batch_test):
+        x, y = parse(trainer, batch)
+        assert torch.equal(x, img) and torch.equal(y, label)
+    assert calls == [fast] * 4
