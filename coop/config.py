@@ -172,6 +172,7 @@ def _coop_dassl_additions(cfg: CN) -> None:
     cfg.FAST.TEXT = "auto"
     # on a GPU, "auto" uses the shared prefix from this many classes on: below, a training
     # step is bound by launching operations, of which the shared prefix has ~45% more
+    # (at any class count when FAST.CUDA_GRAPHS replays the step)
     cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = 500
     # > 0: with more classes than this, run the text encoder over chunks of this many
     # classes with activation checkpointing (bounds training memory for very many classes;

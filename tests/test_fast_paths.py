@@ -56,6 +56,12 @@ def test_text_mode_selection(clip32, position, csc, expected):
     cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = len(NAMES)
     assert text_mode(cfg, pl, "cuda") == expected
     cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = 500
+    # replayed from CUDA graphs, the per-operation cost is gone: the fewest FLOPs win
+    cfg.FAST.CUDA_GRAPHS = True
+    assert text_mode(cfg, pl, "cuda") == expected
+    cfg.TRAINER.COOP.PREC = "amp"  # not graphed under autocast
+    assert text_mode(cfg, pl, "cuda") == "truncate"
+    cfg.TRAINER.COOP.PREC, cfg.FAST.CUDA_GRAPHS = "fp16", False
     cfg.FAST.TEXT = "shared_prefix"  # asked for: on every device, where the prompts allow it
     assert text_mode(cfg, pl, "cuda") == text_mode(cfg, pl, "cpu") == expected
     cfg.FAST.TEXT = "truncate"

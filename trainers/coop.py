@@ -190,16 +190,26 @@ def text_mode(cfg, prompt_learner: PromptLearner, device: str = "cpu") -> str:
     the original text tower. On a GPU a step with a few hundred classes is bound by the cost
     of launching operations, not by FLOPs (benchmarks/README.md, "Full run on a GPU"), so
     there ``auto`` truncates at the last end-of-text token (the original's operations over
-    fewer tokens) below ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES`` classes."""
+    fewer tokens) below ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES`` classes, unless the step
+    replays the text side from CUDA graphs (``FAST.CUDA_GRAPHS``), where that cost is gone."""
     if not cfg.FAST.ENABLED or cfg.FAST.TEXT == "plain":
         return "plain"
     shared = prompt_learner.ctx.dim() == 2 and prompt_learner.class_token_position == "end"
     if not shared or cfg.FAST.TEXT == "truncate":
         return "truncate"
-    if cfg.FAST.TEXT == "auto" and device != "cpu":
+    if cfg.FAST.TEXT == "auto" and device != "cpu" and not graphs_replay_text(cfg):
         if prompt_learner.n_cls < cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES:
             return "truncate"
     return "shared_prefix"
+
+
+def graphs_replay_text(cfg) -> bool:
+    """Whether a CUDA training step replays its text side from CUDA graphs
+    (``FAST.CUDA_GRAPHS`` with PREC fp16 or fp32), which takes away the per-operation cost
+    that makes truncation the better GPU choice below ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES``."""
+    return bool(
+        cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS and cfg.TRAINER.COOP.PREC in ("fp16", "fp32")
+    )
 
 
 class CustomCLIP(nn.Module):
@@ -219,9 +229,7 @@ class CustomCLIP(nn.Module):
         self.text_encoder = TextEncoder(clip_model)
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
         # opt-in: the text side and the image encoder replayed as CUDA graphs (fp16 / fp32)
-        self.cuda_graphs = bool(
-            cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS and cfg.TRAINER.COOP.PREC in ("fp16", "fp32")
-        )
+        self.cuda_graphs = graphs_replay_text(cfg)
         self.class_chunk = chunk
         self._graphed_text: Optional[GraphedTextSide] = None
         self._graphed_image: Optional[GraphedImageEncoder] = None
