@@ -606,14 +606,31 @@ def ctx_dim(clip_model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _causal_masks_cut_to(transformer: nn.Module, length: int) -> Iterator[None]:
-    """Temporarily cut every block's (77, 77) attention mask to (length, length)."""
+def _causal_masks_cut_to(
+    transformer: nn.Module,
+    length: int,
+    like: Optional[torch.Tensor] = None,
+    cache: Optional[Dict[Tuple[int, str, torch.dtype], torch.Tensor]] = None,
+) -> Iterator[None]:
+    """Temporarily cut every block's (77, 77) attention mask to (length, length).
+
+    CLIP keeps that mask as a plain attribute on the CPU and copies it to the activations'
+    device and dtype in every block's forward: on a GPU a blocking copy from host memory per
+    block and pass. With ``like`` (the activations) and a ``cache`` dict, the masks are
+    instead taken from copies made once on ``like``'s device and dtype, so that copy finds
+    nothing to do."""
     saved = []
     try:
         for block in transformer.resblocks:
             mask = getattr(block, "attn_mask", None)
             if mask is not None:
                 saved.append((block, mask))
+                if like is not None and cache is not None:
+                    key = (id(mask), str(like.device), like.dtype)
+                    if key not in cache:
+                        with torch.inference_mode(False):  # also serves later training
+                            cache[key] = mask.to(device=like.device, dtype=like.dtype)
+                    mask = cache[key]
                 block.attn_mask = mask[:length, :length]
         yield
     finally:
@@ -638,6 +655,8 @@ class TextEncoder(nn.Module):
         self.text_projection = clip_model.text_projection
         self.dtype = clip_model.dtype
         self.eot_truncate = eot_truncate
+        # CLIP's causal masks on the devices and dtypes the truncated pass ran in
+        self._masks: Dict[Tuple[int, str, torch.dtype], torch.Tensor] = {}
 
     def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
         if self.eot_truncate:
@@ -659,13 +678,14 @@ class TextEncoder(nn.Module):
     ) -> torch.Tensor:
         """The EOT features computed over the first ``length`` positions only (default: up to
         the last EOT token). With ``length`` given and ``tokenized_prompts`` on the prompts'
-        device, nothing waits for the device: no value is read back to the host."""
+        device, nothing waits for the device: no value is read back to the host, and CLIP's
+        causal mask is copied to the device once, not in every pass."""
         eot = tokenized_prompts.argmax(dim=-1)  # (n,)
         if length is None:
             length = int(eot.max()) + 1
         x = prompts[:, :length] + self.positional_embedding[:length].type(self.dtype)
         x = x.permute(1, 0, 2)  # NLD -> LND, L = length
-        with _causal_masks_cut_to(self.transformer, length):
+        with _causal_masks_cut_to(self.transformer, length, like=x, cache=self._masks):
             x = self.transformer(x)
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.ln_final(x).type(self.dtype)

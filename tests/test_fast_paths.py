@@ -99,23 +99,69 @@ def test_the_gpu_choice_for_few_classes_runs_no_more_operations_than_the_origina
     assert auto.text_modes == {"cpu": "shared_prefix", "cuda": "truncate"}
 
 
-@pytest.mark.parametrize("text", ["auto", "shared_prefix", "truncate"])
+class _HostToDevice(TorchDispatchMode):
+    """Records every copy of a CPU tensor to another device (on a GPU, a copy from host
+    memory, which blocks the host and cannot be recorded in a CUDA graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_", "index", "index_put_"):
+            ins = [a for a in args if isinstance(a, torch.Tensor)]
+            ins += [t for a in args if isinstance(a, (list, tuple)) for t in a
+                    if isinstance(t, torch.Tensor)]  # fmt: skip
+            res = out if isinstance(out, torch.Tensor) else None
+            if res is not None and res.device.type != "cpu":
+                if any(t.device.type == "cpu" and t.dim() > 0 for t in ins):
+                    self.copies.append(name)
+        return out
+
+
+@pytest.mark.parametrize("text", ["auto", "shared_prefix", "truncate", "graphs_plain"])
 @pytest.mark.parametrize("chunk", [0, 2])
-def test_fast_text_step_reads_nothing_back_from_the_device(tiny_vit, text, chunk):
+def test_fast_text_step_waits_for_nothing_on_the_device(tiny_vit, text, chunk):
     """On a GPU every value read back to the host (``.item()``, ``int()``, ``.tolist()``,
-    boolean-mask indexing) makes the host wait for the device. On the meta device, which
-    holds no values, each such read raises: the text side's forward and backward must run
-    there as they run in a training step."""
-    cfg = _cfg(TEXT=text, CLASS_CHUNK=chunk)
+    boolean-mask indexing) makes the host wait for the device, and so does every copy from
+    host memory. On the meta device, which holds no values, each such read raises, and the
+    copies are recorded: the text side's forward and backward must run there without
+    either, as they run in a training step (after a first pass that builds the layouts)."""
+    if text == "graphs_plain":  # the original text computation, replayable from CUDA graphs
+        cfg = _cfg(TEXT="plain", CLASS_CHUNK=chunk, CUDA_GRAPHS=True)
+    else:
+        cfg = _cfg(TEXT=text, CLASS_CHUNK=chunk)
     torch.manual_seed(0)
     model = CustomCLIP(cfg, NAMES, load_clip(tiny_vit).float()).to("meta")
     model.text_features().sum().backward()
+    with _HostToDevice() as h2d:
+        model.text_features().sum().backward()
+    assert h2d.copies == []
     assert model.prompt_learner.ctx.grad.shape == model.prompt_learner.ctx.shape
-    # the same on the original's path fails: it reads the longest prompt back
+    # the detectors see what the original's path does: it reads the longest prompt back,
+    # and copies CLIP's causal mask from host memory in every block
     before = TextEncoder(load_clip(tiny_vit).float(), eot_truncate=True).to("meta")
     pl = model.prompt_learner
     with pytest.raises(RuntimeError, match="meta"):
         before(pl(), model.tokenized_on_device)
+    original = TextEncoder(load_clip(tiny_vit).float()).to("meta")
+    with _HostToDevice() as h2d:
+        original(pl(), model.tokenized_prompts)
+    assert len(h2d.copies) > len(original.transformer.resblocks)
+
+
+def test_image_pass_waits_for_nothing_on_the_device(tiny_rn, tiny_vit):
+    """The frozen image encoders (ResNet with folded norms in channels-last, ViT) copy nothing
+    from host memory and read nothing back: a CUDA graph can record them."""
+    for ckpt in (tiny_rn, tiny_vit):
+        model = CustomCLIP(_cfg(), NAMES, load_clip(ckpt).float()).to("meta")
+        with _HostToDevice() as h2d, torch.no_grad():
+            out = model.encode_image(torch.empty(2, 3, 32, 32, device="meta"))
+        assert h2d.copies == []
+        assert out.shape == (2, model.text_encoder.text_projection.shape[1])
 
 
 def test_the_text_path_follows_the_device_of_the_context(tiny_vit):

@@ -289,6 +289,12 @@ class CustomCLIP(nn.Module):
             text_features = self.text_encoder.forward_truncated(
                 pl(ctx), tokenized, length=self.text_length
             )
+        elif self.cuda_graphs:
+            # the original's computation over all 77 positions, without host copies (which
+            # a CUDA graph cannot record)
+            text_features = self.text_encoder.forward_truncated(
+                pl(ctx), tokenized, length=tokenized.shape[1]
+            )
         else:
             text_features = self.text_encoder(pl(ctx), self.tokenized_prompts.to(ctx.device))
         return text_features / text_features.norm(dim=-1, keepdim=True)
