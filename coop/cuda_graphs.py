@@ -34,7 +34,9 @@ class GraphedTextSide:
     copies its values into the graph's input, replays the forward and, in the backward,
     replays the backward graph, whose gradient reaches ``ctx.grad`` as an eager backward's
     would. The graphs are recorded on first use, after ``warmup`` eager passes on a side
-    stream (on a clone of the context, so its gradient is not touched)."""
+    stream (on a clone of the context, so its gradient is not touched). The features it
+    returns live in the graph's output buffer: the next call overwrites them, so a step
+    calls it once and runs its backward before the next step (as CoOp's steps do)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], ctx: torch.Tensor, warmup=3):
         if ctx.device.type != "cuda":
