@@ -76,20 +76,11 @@ class CLIPTrainer(TrainerX):
             return super().evaluation_context()
         return torch.inference_mode()
 
-    def parse_batch_train(self, batch: Dict[str, Any]):
-        return self._to_device(batch)
-
-    def parse_batch_test(self, batch: Dict[str, Any]):
-        return self._to_device(batch)
-
-    def _to_device(self, batch: Dict[str, Any]):
-        """Images and labels on the device. On the fast path the copies do not block the
-        host: the loaders pin their batches on CUDA, and a pinned copy is ordered before the
-        kernels that read it, so the host can queue the step meanwhile (same values)."""
-        non_blocking = bool(self.cfg.FAST.ENABLED)
-        input = batch["img"].to(self.device, non_blocking=non_blocking)
-        label = batch["label"].to(self.device, non_blocking=non_blocking)
-        return input, label
+    def non_blocking_copies(self) -> bool:
+        """On the fast path batch copies do not block the host: the loaders pin their
+        batches on CUDA, and a pinned copy is ordered before the kernels that read it, so the
+        host can queue the step meanwhile (same values)."""
+        return bool(self.cfg.FAST.ENABLED)
 
     # ------------------------------------------------------------------ evaluation cache
     def eval_cache_enabled(self) -> bool:

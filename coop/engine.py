@@ -634,14 +634,21 @@ class SimpleTrainer(TrainerBase):
         atomic_write_json(osp.join(self.output_dir, "results.json"), payload, indent=2)
 
     def parse_batch_train(self, batch: Dict[str, Any]):
-        input = batch["img"].to(self.device)
-        label = batch["label"].to(self.device)
-        return input, label
+        return self.batch_to_device(batch)
 
     def parse_batch_test(self, batch: Dict[str, Any]):
-        input = batch["img"].to(self.device)
-        label = batch["label"].to(self.device)
+        return self.batch_to_device(batch)
+
+    def batch_to_device(self, batch: Dict[str, Any]):
+        """A batch's images and labels on the trainer's device."""
+        non_blocking = self.non_blocking_copies()
+        input = batch["img"].to(self.device, non_blocking=non_blocking)
+        label = batch["label"].to(self.device, non_blocking=non_blocking)
         return input, label
+
+    def non_blocking_copies(self) -> bool:
+        """Hook: copy batches to the device without blocking the host (Dassl blocks)."""
+        return False
 
     # ------------------------------------------------------------------ unreadable images
     def take_skipped(self, batch: Any) -> Any:

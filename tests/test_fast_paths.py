@@ -628,7 +628,8 @@ def test_batches_are_copied_to_the_device_without_blocking_on_the_fast_path(fast
     img, label = torch.randn(2, 3, 4, 4), torch.tensor([1, 0])
     cfg = _cfg(ENABLED=fast)
     trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
-    trainer._to_device = lambda batch: CLIPTrainer._to_device(trainer, batch)
+    trainer.non_blocking_copies = lambda: CLIPTrainer.non_blocking_copies(trainer)
+    trainer.batch_to_device = lambda batch: CLIPTrainer.batch_to_device(trainer, batch)
     batch = {"img": img.as_subclass(Recording), "label": label.as_subclass(Recording)}
     for parse in (CLIPTrainer.parse_batch_train, CLIPTrainer.parse_batch_test):
         x, y = parse(trainer, batch)

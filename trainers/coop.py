@@ -230,7 +230,6 @@ class CustomCLIP(nn.Module):
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
         # opt-in: the text side and the image encoder replayed as CUDA graphs (fp16 / fp32)
         self.cuda_graphs = graphs_replay_text(cfg)
-        self.class_chunk = chunk
         self._graphed_text: Optional[GraphedTextSide] = None
         self._graphed_image: Optional[GraphedImageEncoder] = None
         self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
@@ -273,7 +272,7 @@ class CustomCLIP(nn.Module):
             and ctx.requires_grad
             and torch.is_grad_enabled()
             and not torch.is_autocast_enabled()
-            and not (self.class_chunk and self.prompt_learner.n_cls > self.class_chunk)
+            and not (0 < self.shared_prefix_encoder.class_chunk < self.prompt_learner.n_cls)
         )
 
     def _text_features_of(self, ctx: torch.Tensor) -> torch.Tensor:
