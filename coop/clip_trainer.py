@@ -21,6 +21,7 @@ A subclass provides ``image_features(images) -> (B, E)`` (normalised) and
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -162,6 +163,7 @@ class CLIPTrainer(TrainerX):
             **self._encoder_key_parts(cache_root),
             "cache": "train-views",
             "format": TRAIN_VIEWS_FORMAT,
+            "byteorder": sys.byteorder,  # the view files hold raw bytes
             "input": {k: cfg.INPUT[k] for k in sorted(cfg.INPUT)},
             "transform": repr(self.dm.tfm_train),
             "batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE,

@@ -22,11 +22,18 @@ import json
 import logging
 import os
 import random
+import struct
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from coop.io import atomic_torch_save, atomic_write_json, file_lock, sha256_file
+from coop.io import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +141,7 @@ def draw_loader_seed() -> None:
 # Training views (FAST.TRAIN_FEATURE_CACHE)
 # --------------------------------------------------------------------------------------
 
-TRAIN_VIEWS_FORMAT = 1
+TRAIN_VIEWS_FORMAT = 2  # 2: raw checksummed .views files (1: torch.save .pt)
 
 
 def view_seed(impath: str, view: int) -> int:
@@ -178,16 +185,71 @@ class SeededViews(torch.utils.data.Dataset):
         return {"img": item["img"], "pos": j}
 
 
+# One training-view file: a fixed header, then the (V, E) features' raw bytes (native byte
+# order, which the entry's key records). The header holds a magic string, V, E, a dtype code
+# and a BLAKE2b digest of the payload, so a file that is short, stale or damaged (written
+# without fsync; see TrainViewCache.store) is recognised and its views recomputed.
+_VIEWS_MAGIC = b"COOPVW02"
+_VIEWS_HEADER = struct.Struct("<8sIIB3x16s")
+_VIEWS_DTYPES = {1: torch.float16, 2: torch.float32, 3: torch.bfloat16, 4: torch.float64}
+_VIEWS_CODES = {v: k for k, v in _VIEWS_DTYPES.items()}
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def encode_views(feats: torch.Tensor) -> bytes:
+    """The file contents of a (V, E) tensor of views (see :func:`decode_views`)."""
+    if feats.dim() != 2 or feats.dtype not in _VIEWS_CODES:
+        raise ValueError(
+            f"expected a (views, dim) float tensor, got {feats.dtype} {tuple(feats.shape)}"
+        )
+    t = feats.detach().cpu().contiguous()
+    payload = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    head = _VIEWS_HEADER.pack(
+        _VIEWS_MAGIC, t.shape[0], t.shape[1], _VIEWS_CODES[t.dtype], _digest(payload)
+    )
+    return head + payload
+
+
+def decode_views(data: bytes) -> torch.Tensor:
+    """The (V, E) tensor of a view file's contents; ``ValueError`` saying what is wrong."""
+    if len(data) < _VIEWS_HEADER.size or data[:8] != _VIEWS_MAGIC:
+        raise ValueError("not a training-view file (no COOPVW02 header)")
+    _, views, dim, code, digest = _VIEWS_HEADER.unpack_from(data)
+    dtype = _VIEWS_DTYPES.get(code)
+    if dtype is None:
+        raise ValueError(f"unknown dtype code {code}")
+    payload = data[_VIEWS_HEADER.size :]
+    size = views * dim * torch.empty((), dtype=dtype).element_size()
+    if len(payload) != size:
+        raise ValueError(f"{len(payload)} bytes of features, expected {size} (a truncated file)")
+    if _digest(payload) != digest:
+        raise ValueError("its checksum does not match its contents")
+    if not size:
+        return torch.empty((views, dim), dtype=dtype)
+    return torch.frombuffer(bytearray(payload), dtype=dtype).view(views, dim)
+
+
+def read_views(path: str) -> torch.Tensor:
+    """The (V, E) views stored in the training-view file ``path``."""
+    with open(path, "rb") as f:
+        return decode_views(f.read())
+
+
 class TrainViewCache:
     """Features of seeded training views, one file per image, under
     ``<root>/train_views/<key>/``.
 
     The key covers everything the features depend on except which images are used, so runs
     of any seed, shot count or method that share the backbone, precision and training
-    transform share the entry. ``<sha256(path|size|mtime_ns)>.pt`` holds a (V_i, E) tensor of
-    an image's views 0..V_i-1; ``meta.json`` records E, the dtype and the key's parts. Views
-    are only ever appended: a file is rewritten (atomically, under the entry's lock) with its
-    existing views kept as they are, so every run reads the same features for a given view.
+    transform share the entry. ``<sha256(path|size|mtime_ns)>.views`` holds a (V_i, E)
+    tensor of an image's views 0..V_i-1 (:func:`encode_views`: raw bytes behind a checksummed
+    header, read without unpickling, since a 16-shot ImageNet run reads 16,000 of them);
+    ``meta.json`` records E, the dtype and the key's parts. Views are only ever appended: a
+    file is rewritten (atomically, under the entry's lock) with its existing views kept as
+    they are, so every run reads the same features for a given view.
     """
 
     def __init__(self, root: str, key: str, parts: Dict[str, Any]) -> None:
@@ -197,7 +259,7 @@ class TrainViewCache:
 
     def image_file(self, impath: str) -> str:
         ident = file_identity(impath)
-        return os.path.join(self.folder, hashlib.sha256(ident.encode()).hexdigest() + ".pt")
+        return os.path.join(self.folder, hashlib.sha256(ident.encode()).hexdigest() + ".views")
 
     def read_meta(self) -> Optional[Tuple[int, str]]:
         """``(E, dtype)`` of the entry, or ``None`` when it has no readable ``meta.json``."""
@@ -216,16 +278,12 @@ class TrainViewCache:
     ) -> Optional[torch.Tensor]:
         """The (V_i, E) views stored in ``path``; ``None`` when it is missing or damaged
         (a damaged file is reported when ``warn``)."""
-        if not os.path.isfile(path):
-            return None
         dim, dtype = meta
         try:
             try:
-                feats = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - torch's messages run over many lines
-                raise ValueError(f"not a readable tensor file: {type(e).__name__}") from e
-            if not isinstance(feats, torch.Tensor):
-                raise ValueError(f"holds a {type(feats).__name__}, not a tensor")
+                feats = read_views(path)
+            except FileNotFoundError:
+                return None
             if feats.dim() != 2 or feats.shape[0] < 1 or feats.shape[1] != dim:
                 raise ValueError(f"shape {tuple(feats.shape)}, expected (views, {dim})")
             if str(feats.dtype) != dtype:
@@ -260,6 +318,7 @@ class TrainViewCache:
                     continue
                 merged = feats if disk is None else torch.cat([disk, feats[n:]])
                 merged = merged.contiguous().clone()
-                atomic_torch_save(merged, path)
+                # no fsync: the file's checksum catches what a power loss may leave behind
+                atomic_write_bytes(path, encode_views(merged), durable=False)
                 out[path] = merged
         return out

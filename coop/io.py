@@ -94,11 +94,15 @@ def _fsync_dir(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb", encoding: str | None = None) -> Iterator[Any]:
+def atomic_open(
+    path: str, mode: str = "wb", encoding: str | None = None, durable: bool = True
+) -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success it atomically replaces ``path``.
 
     Any ``OSError`` (full disk, permission, ...) becomes a :class:`WriteError` naming
-    ``path``; the temporary file is removed and ``path`` keeps its previous content."""
+    ``path``; the temporary file is removed and ``path`` keeps its previous content.
+    ``durable=False`` skips the two ``fsync`` calls (for cache files that carry their own
+    checksum: after a power loss such a file may be damaged, is detected and recomputed)."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(folder, exist_ok=True)
@@ -113,7 +117,8 @@ def atomic_open(path: str, mode: str = "wb", encoding: str | None = None) -> Ite
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         _commit(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -121,11 +126,12 @@ def atomic_open(path: str, mode: str = "wb", encoding: str | None = None) -> Ite
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             raise write_error(path, e) from None
         raise
-    _fsync_dir(folder)
+    if durable:
+        _fsync_dir(folder)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
+def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
+    with atomic_open(path, "wb", durable=durable) as f:
         f.write(data)
 
 

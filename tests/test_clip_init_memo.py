@@ -25,6 +25,8 @@ def _build(path, seed, memo=""):
 
 
 def _assert_same_model(a, b):
+    assert type(a) is type(b) and type(a).__name__ == "CLIP"
+    assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     for k in sa:

@@ -14,7 +14,14 @@ import torch
 from helpers_train import coop_argv, read_results
 
 from coop.config import get_cfg_default
-from coop.feature_cache import SeededViews, TrainViewCache, view_seed
+from coop.feature_cache import (
+    SeededViews,
+    TrainViewCache,
+    decode_views,
+    encode_views,
+    read_views,
+    view_seed,
+)
 from coop.train import main
 
 LINE = re.compile(
@@ -51,9 +58,9 @@ def _run(
 def _stored(entry: str) -> Dict[str, torch.Tensor]:
     """The per-image files of an entry, by file name."""
     return {
-        name: torch.load(os.path.join(entry, name), weights_only=True)
+        name: read_views(os.path.join(entry, name))
         for name in os.listdir(entry)
-        if name.endswith(".pt") and not name.startswith(".")
+        if name.endswith(".views") and not name.startswith(".")
     }
 
 
@@ -130,13 +137,14 @@ def test_damaged_files_are_recomputed_with_a_warning(data_root, tiny_vit, tmp_pa
     garbage, wrong_shape = sorted(before)[:2]
     with open(os.path.join(entry, garbage), "wb") as f:
         f.write(b"not a tensor file")
-    torch.save(torch.zeros(2, 3), os.path.join(entry, wrong_shape))
+    with open(os.path.join(entry, wrong_shape), "wb") as f:
+        f.write(encode_views(torch.zeros(2, 3)))
     second = str(tmp_path / "b")
     computed, reused, _ = _run(data_root, tiny_vit, second, cache)
     with open(os.path.join(second, "log.txt"), encoding="utf-8") as f:
         warnings = [line for line in f if line.startswith("Recomputing the training views")]
     assert len(warnings) == 2
-    assert any(garbage in w and "not a readable tensor file" in w for w in warnings)
+    assert any(garbage in w and "not a training-view file" in w for w in warnings)
     assert any(wrong_shape in w and "shape (2, 3), expected (views, 64)" in w for w in warnings)
     assert (computed, reused) == (4, 2 * (len(before) - 2))
     after = _stored(entry)
@@ -198,13 +206,13 @@ def test_view_seeding_is_per_image_and_leaves_the_run_streams_alone(tmp_path):
 
 def test_views_already_on_disk_win_over_another_writers(tmp_path):
     cache = TrainViewCache(str(tmp_path), "key", {"kind": "test"})
-    path = os.path.join(cache.folder, "img.pt")
+    path = os.path.join(cache.folder, "img.views")
     a, b = torch.randn(2, 4), torch.randn(3, 4)
     assert torch.equal(cache.store({path: a})[path], a)
     merged = torch.cat([a, b[2:]])
     assert torch.equal(cache.store({path: b})[path], merged)
     assert torch.equal(cache.store({path: b[:1]})[path], merged)  # fewer views: kept
-    assert torch.equal(torch.load(path, weights_only=True), merged)
+    assert torch.equal(read_views(path), merged)
     assert cache.read_meta() == (4, "torch.float32")
     assert cache.load(path, (5, "torch.float32"), warn=False) is None
     assert cache.load(path, (4, "torch.float16"), warn=False) is None
@@ -244,10 +252,60 @@ def test_zero_views_is_rejected_before_training(data_root, tiny_vit, tmp_path):
 
 def test_concurrent_writers_of_one_image_agree(tmp_path):
     cache = TrainViewCache(str(tmp_path), "key", {"kind": "test"})
-    path = os.path.join(cache.folder, "img.pt")
+    path = os.path.join(cache.folder, "img.views")
     mine = [torch.randn(3, 4) for _ in range(4)]
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda t: cache.store({path: t})[path], mine))
-    on_disk = torch.load(path, weights_only=True)
+    on_disk = read_views(path)
     assert any(torch.equal(on_disk, t) for t in mine)  # one writer's views, whole
     assert all(torch.equal(g, on_disk) for g in got)  # and every writer uses those
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16, torch.float64])
+def test_view_files_round_trip_every_feature_dtype(dtype):
+    feats = torch.randn(3, 5).to(dtype)
+    back = decode_views(encode_views(feats))
+    assert back.dtype == dtype and back.shape == (3, 5)
+    assert torch.equal(back, feats)
+    assert torch.equal(decode_views(encode_views(feats[:, 1:3])), feats[:, 1:3])  # a view
+
+
+def test_damaged_view_files_are_recognised():
+    data = encode_views(torch.randn(2, 4))
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x01
+    bad_code = bytearray(data)
+    bad_code[16] = 9  # the dtype code
+    cases = {
+        b"": "no COOPVW02 header",
+        data[:20]: "no COOPVW02 header",
+        b"X" + data[1:]: "no COOPVW02 header",
+        data[:-4]: "28 bytes of features, expected 32 (a truncated file)",
+        bytes(flipped): "checksum does not match",
+        bytes(bad_code): "unknown dtype code 9",
+    }
+    for blob, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            decode_views(blob)
+    with pytest.raises(ValueError, match="float tensor"):
+        encode_views(torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_view_files_are_written_without_fsync_and_a_torn_one_is_recomputed(tmp_path, monkeypatch):
+    import coop.io
+
+    calls = []
+    monkeypatch.setattr(coop.io.os, "fsync", lambda fd: calls.append(fd))
+    cache = TrainViewCache(str(tmp_path), "key", {"kind": "test"})
+    path = os.path.join(cache.folder, "img.views")
+    feats = torch.randn(2, 4)
+    cache.store({path: feats})
+    assert len(calls) == 2  # meta.json's file and folder, not the view file's
+    cache.store({os.path.join(cache.folder, "other.views"): feats})
+    assert len(calls) == 2  # meta.json unchanged: nothing synced at all
+    with open(path, "r+b") as f:  # what a power loss may leave: the right size, zeros
+        f.seek(-8, os.SEEK_END)
+        f.write(bytes(8))
+    assert cache.load(path, (4, "torch.float32"), warn=False) is None
+    assert torch.equal(cache.store({path: feats})[path], feats)  # rewritten
+    assert torch.equal(read_views(path), feats)
