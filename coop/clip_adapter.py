@@ -335,7 +335,7 @@ def clip_args_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> tuple:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _skeleton_class(clip_cls: type) -> type:
     """``clip_cls`` whose ``initialize_parameters`` (CLIP's own initialisers, called at the
     end of its constructor) does nothing: on the meta device they draw nothing but still
