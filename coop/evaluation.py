@@ -1,6 +1,10 @@
 """Dassl's ``Classification`` evaluator: accuracy, error, macro F1, optional per-class.
 
-The printed block is the one the original ``parse_test_res.py`` reads.
+The printed block is the one the original ``parse_test_res.py`` reads. Macro F1 is Dassl's
+``sklearn.metrics.f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true))``,
+computed here from per-label counts (:func:`macro_f1`) so that an evaluation does not import
+scikit-learn (about a second per process); scikit-learn is imported only for the optional
+confusion matrix.
 """
 
 from __future__ import annotations
@@ -11,10 +15,37 @@ from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional
 
 import numpy as np
+import torch
 
 from coop.registry import EVALUATOR_REGISTRY
 
 logger = logging.getLogger(__name__)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro F1 over the labels present in ``y_true`` (a fraction, not a percentage).
+
+    What ``f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true))`` returns,
+    computed the way scikit-learn computes it: per label F1 = 2 tp / (2 tp + fp + fn) =
+    2 tp / (#true + #predicted) in float64, then the plain mean. Predictions of a label absent
+    from ``y_true`` count only as false negatives of the true label; a present label that is
+    never predicted correctly scores 0.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    if y_true.shape != y_pred.shape or y_true.size == 0:
+        raise ValueError(
+            f"macro_f1 needs two equal, non-empty label lists, got {y_true.size} and {y_pred.size}"
+        )
+    if y_true.min() < 0 or y_pred.min() < 0:
+        raise ValueError("macro_f1 needs non-negative integer labels")
+    labels = np.unique(y_true)
+    size = int(max(y_true.max(), y_pred.max())) + 1
+    true_sum = np.bincount(y_true, minlength=size)[labels]
+    pred_sum = np.bincount(y_pred, minlength=size)[labels]
+    tp_sum = np.bincount(y_true[y_true == y_pred], minlength=size)[labels]
+    f = 2.0 * tp_sum.astype(np.float64) / (true_sum.astype(np.float64) + pred_sum)
+    return float(np.mean(f))
 
 
 class EvaluatorBase:
@@ -58,29 +89,27 @@ class Classification(EvaluatorBase):
     def process(self, mo, gt) -> None:
         # mo (B, n_cls) logits; gt (B,) labels
         pred = mo.max(1)[1]
-        matches = pred.eq(gt).float()
-        self._correct += int(matches.sum().item())
+        # one copy of labels and predictions to the host (a single wait on a GPU)
+        y = torch.stack([gt.detach().long(), pred.detach().long().to(gt.device)]).cpu().numpy()
+        matches = y[0] == y[1]
+        self._correct += int(matches.sum())
         self._total += gt.shape[0]
-        self._y_true.extend(gt.data.cpu().numpy().tolist())
-        self._y_pred.extend(pred.data.cpu().numpy().tolist())
+        self._y_true.extend(y[0].tolist())
+        self._y_pred.extend(y[1].tolist())
         if self._per_class_res is not None:
-            for i, label in enumerate(gt):
-                self._per_class_res[int(label.item())].append(int(matches[i].item()))
+            for label, ok in zip(y[0].tolist(), matches.tolist()):
+                self._per_class_res[label].append(int(ok))
 
     def evaluate(self) -> OrderedDict[str, float]:
-        from sklearn.metrics import confusion_matrix, f1_score
-
         results: OrderedDict[str, float] = OrderedDict()
         if self._total == 0:
             raise ValueError("Nothing to evaluate: the evaluation split is empty")
         acc = 100.0 * self._correct / self._total
         err = 100.0 - acc
-        macro_f1 = 100.0 * f1_score(
-            self._y_true, self._y_pred, average="macro", labels=np.unique(self._y_true)
-        )
+        f1 = 100.0 * macro_f1(self._y_true, self._y_pred)
         results["accuracy"] = acc
         results["error_rate"] = err
-        results["macro_f1"] = macro_f1
+        results["macro_f1"] = f1
 
         logger.info(
             "=> result\n"
@@ -88,7 +117,7 @@ class Classification(EvaluatorBase):
             f"* correct: {self._correct:,}\n"
             f"* accuracy: {acc:.1f}%\n"
             f"* error: {err:.1f}%\n"
-            f"* macro_f1: {macro_f1:.1f}%"
+            f"* macro_f1: {f1:.1f}%"
         )
 
         if self._per_class_res is not None:
@@ -112,7 +141,7 @@ class Classification(EvaluatorBase):
             results["perclass_accuracy"] = mean_acc
 
         if self.cfg.TEST.COMPUTE_CMAT:
-            import torch
+            from sklearn.metrics import confusion_matrix
 
             from coop.io import atomic_torch_save
 

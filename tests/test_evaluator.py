@@ -186,3 +186,47 @@ def test_built_from_registry_by_config_name():
     assert cfg.TEST.EVALUATOR == "Classification"
     ev = build_evaluator(cfg, lab2cname={0: "a"})
     assert isinstance(ev, Classification)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+@pytest.mark.parametrize("seed", range(6))
+def test_macro_f1_equals_sklearn_exactly(seed):
+    from coop.evaluation import macro_f1
+
+    rng = np.random.default_rng(seed)
+    n_cls = int(rng.integers(1, 40))
+    n = int(rng.integers(1, 400))
+    y_true = rng.integers(0, n_cls, size=n)
+    noise = rng.integers(0, n_cls + 5, size=n)  # some predicted labels never occur as truth
+    y_pred = np.where(rng.random(n) < rng.random(), y_true, noise)
+    expected = f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true))
+    assert macro_f1(y_true, y_pred) == expected
+
+
+def test_macro_f1_rejects_bad_label_lists():
+    from coop.evaluation import macro_f1
+
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        macro_f1([], [])
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        macro_f1([0, 1], [0])
+    with pytest.raises(ValueError, match="non-negative"):
+        macro_f1([0, -1], [0, 0])
+
+
+def test_an_evaluation_does_not_import_sklearn():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from coop.config import get_cfg_default\n"
+        "from coop.evaluation import Classification\n"
+        "ev = Classification(get_cfg_default())\n"
+        "ev.process(torch.eye(3)[[0, 1, 1]], torch.tensor([0, 1, 2]))\n"
+        "res = ev.evaluate()\n"
+        "print(round(res['macro_f1'], 6), 'sklearn' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # class 0: F1 1; class 1: tp 1 fp 1 -> 2/3; class 2: 0
+    assert out.stdout.split() == [str(round(100 * (1 + 2 / 3) / 3, 6)), "False"]
