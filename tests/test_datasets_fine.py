@@ -578,6 +578,30 @@ def test_fixture_is_deterministic(stem, tmp_path):
     assert rel in fa and files(c)[rel] != fa[rel]
 
 
+@pytest.mark.parametrize("stem", ["oxford_flowers", "stanford_cars"])
+def test_mat_fixtures_do_not_depend_on_the_clock(stem, tmp_path, monkeypatch):
+    import time
+
+    case = CASES[stem]
+    roots = []
+    for i, stamp in enumerate(["Mon Jan  1 00:00:00 2001", "Tue Jan  2 00:00:01 2001"]):
+        monkeypatch.setattr(time, "asctime", lambda *a, s=stamp: s)  # scipy's header time
+        roots.append(case.make(str(tmp_path / str(i)), seed=5, **case.kwargs))
+    mats = [
+        os.path.relpath(os.path.join(d, n), roots[0])
+        for d, _, names in os.walk(roots[0])
+        for n in names
+        if n.endswith(".mat")
+    ]
+    assert mats
+    for rel in mats:
+        with (
+            open(os.path.join(roots[0], rel), "rb") as a,
+            open(os.path.join(roots[1], rel), "rb") as b,
+        ):
+            assert a.read() == b.read(), rel
+
+
 # ----------------------------------------------------------------------- end to end
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -307,6 +307,24 @@ def _cars_annos(records: List[Tuple[str, int]], rng: np.random.Generator) -> np.
     return annos
 
 
+_MAT_DESCRIPTION = b"MATLAB 5.0 MAT-file, written by coop.testing"
+
+
+def _require_scipy() -> None:
+    """Fail before anything is written when scipy (for the .mat files) is missing."""
+    import scipy.io  # noqa: F401
+
+
+def _savemat(path: str, mdict: Dict[str, Any]) -> None:
+    """``scipy.io.savemat`` with a fixed 116-byte text header: scipy writes the current time
+    there, which would make two fixtures built in different seconds differ."""
+    from scipy.io import savemat
+
+    savemat(path, mdict)
+    with open(path, "r+b") as f:
+        f.write(_MAT_DESCRIPTION.ljust(116, b" "))
+
+
 def make_stanford_cars(
     root: str,
     n_classes: int = 4,
@@ -320,8 +338,7 @@ def make_stanford_cars(
     bbox_*, class (1-based), fname) and ``devkit/cars_meta.mat`` (``class_names``). Per class
     ``n_per_class // 2`` images are test images; the file numbers are assigned in a random
     order, so classes are interleaved in the annotations as in the real files. Needs scipy."""
-    from scipy.io import savemat
-
+    _require_scipy()
     _check_n("make_stanford_cars", n_classes, CARS_CLASS_NAMES)
     rng = np.random.default_rng(seed)
     dataset_dir = os.path.join(root, "stanford_cars")
@@ -344,13 +361,13 @@ def make_stanford_cars(
             records.append((fname, label + 1))
             words = CARS_CLASS_NAMES[label].split(" ")
             items.append((path, label, " ".join([words[-1], *words[:-1]])))
-        savemat(anno_path, {"annotations": _cars_annos(records, rng)})
+        _savemat(anno_path, {"annotations": _cars_annos(records, rng)})
         split_items[folder] = items
 
     class_names = np.empty((1, n_classes), dtype=object)
     for k in range(n_classes):
         class_names[0, k] = np.array([CARS_CLASS_NAMES[k]])
-    savemat(os.path.join(devkit, "cars_meta.mat"), {"class_names": class_names})
+    _savemat(os.path.join(devkit, "cars_meta.mat"), {"class_names": class_names})
 
     if with_split:
         train, val = _split_trainval(split_items["cars_train"], rng)
@@ -380,8 +397,7 @@ def make_oxford_flowers(
     ``labels``, shape (1, N), values 1..n_classes in a random order, so classes are
     interleaved as in the real file) and ``cat_to_name.json`` (string keys, in a shuffled
     order, one line like the real file). Needs scipy."""
-    from scipy.io import savemat
-
+    _require_scipy()
     _check_n("make_oxford_flowers", n_classes, FLOWERS_NAMES)
     rng = np.random.default_rng(seed)
     dataset_dir = os.path.join(root, "oxford_flowers")
@@ -395,7 +411,7 @@ def make_oxford_flowers(
         path = os.path.join(image_dir, f"image_{i + 1:05d}.jpg")
         _write_image(path, value - 1, n_classes, rng, image_size, i)
         groups[value - 1][1].append(path)
-    savemat(
+    _savemat(
         os.path.join(dataset_dir, "imagelabels.mat"),
         {"labels": values.astype(np.uint8).reshape(1, n_total)},
     )
