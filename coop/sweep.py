@@ -11,9 +11,11 @@ generators and builds its trainer from scratch, so the numbers equal separate pr
 
 By default the config file follows the paper's schedule for the backbone (``--backbone
 rn50``: 1 shot ``rn50_ep50``, 2 and 4 shots ``rn50_ep100``, 8 and 16 shots ``rn50``;
-ImageNet always ``*_ep50``); ``--cfg NAME`` uses one file for every run. At the end it prints,
-per dataset, config and shot count, the mean and standard deviation of the seeds' test
-accuracy as ``parse_test_res.py`` does (``np.std``, population).
+ImageNet always ``*_ep50``); ``--cfg NAME`` uses one file for every run. ``--zeroshot`` also
+runs the zero-shot CLIP baseline of each dataset first, as ``scripts/zeroshot.sh`` does
+(``<output>/ZeroshotCLIP/<backbone>/<dataset>``, skipped when its ``results.json`` exists).
+At the end it prints, per dataset, config and shot count, the mean and standard deviation
+of the seeds' test accuracy as ``parse_test_res.py`` does (``np.std``, population).
 
     coop-sweep --root /path/to/datasets --datasets caltech101,oxford_pets
     coop-sweep --root DATA --datasets imagenet --shots 16 --backbone vit_b16 --dry-run
@@ -35,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 PAPER_SHOTS = (1, 2, 4, 8, 16)
 PAPER_SEEDS = (1, 2, 3)
 TRAINER = "CoOp"
+ZEROSHOT = "ZeroshotCLIP"
 
 
 def paper_cfg(backbone: str, shots: int, dataset: str) -> str:
@@ -52,14 +55,30 @@ def paper_cfg(backbone: str, shots: int, dataset: str) -> str:
 class Run:
     dataset: str
     cfg: str
-    shots: int
+    shots: int  # 0 for the zero-shot baseline
     seed: int
     out: str
     argv: List[str]
+    trainer: str = TRAINER
 
     @property
     def group(self) -> Tuple[str, str, int]:
         return self.dataset, self.cfg, self.shots
+
+    @property
+    def label(self) -> str:
+        if self.trainer == ZEROSHOT:
+            return f"{self.dataset} {ZEROSHOT} {self.cfg}"
+        return f"{self.dataset} {self.cfg} {self.shots} shots"
+
+    def done_file(self) -> str:
+        """The file whose presence means the run is complete: main.sh's ``finished`` marker
+        for training, the evaluation's ``results.json`` for the zero-shot baseline."""
+        from coop.engine import FINISHED_MARKER
+
+        return os.path.join(
+            self.out, "results.json" if self.trainer == ZEROSHOT else FINISHED_MARKER
+        )
 
 
 class SweepError(ValueError):
@@ -113,6 +132,23 @@ def plan_runs(args: argparse.Namespace) -> List[Run]:
             resolve_config_path(dataset_file, "dataset config")
         except ConfigError as e:
             raise SweepError(f"--datasets: unknown dataset '{dataset}' ({e})") from None
+        if args.zeroshot:  # scripts/zeroshot.sh DATASET CFG, with CFG the backbone's file
+            cfg_file = f"configs/trainers/{TRAINER}/{args.backbone}.yaml"
+            try:
+                resolve_config_path(cfg_file)
+            except ConfigError as e:
+                raise SweepError(f"--zeroshot: no trainer config '{args.backbone}' ({e})") from None
+            out = os.path.join(args.output, ZEROSHOT, args.backbone, dataset)
+            argv = [
+                "--root", args.root,
+                "--trainer", ZEROSHOT,
+                "--dataset-config-file", dataset_file,
+                "--config-file", cfg_file,
+                "--output-dir", out,
+                "--eval-only",
+                *args.opts,
+            ]  # fmt: skip
+            runs.append(Run(dataset, args.backbone, 0, -1, out, argv, trainer=ZEROSHOT))
         for k in shots:
             cfg = args.cfg or paper_cfg(args.backbone, k, dataset)
             cfg_file = f"configs/trainers/{TRAINER}/{cfg}.yaml"
@@ -166,12 +202,16 @@ def summarize(runs: Sequence[Run]) -> List[str]:
     groups: Dict[Tuple[str, str, int], List[Optional[float]]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(read_accuracy(run.out))
+    labels = {run.group: run.label for run in runs}
     lines = []
-    for (dataset, cfg, shots), accs in groups.items():
+    for group, accs in groups.items():
         got = [a for a in accs if a is not None]
-        head = f"{dataset} {cfg} {shots} shots:"
+        head = f"{labels[group]}:"
         if not got:
             lines.append(f"{head} no results")
+            continue
+        if group[2] == 0:  # the zero-shot baseline: one evaluation
+            lines.append(f"{head} * accuracy: {got[0]:.2f}%")
             continue
         lines.append(
             f"{head} * accuracy: {np.mean(got):.2f}% +- {np.std(got):.2f}% "
@@ -183,17 +223,16 @@ def summarize(runs: Sequence[Run]) -> List[str]:
 def run_all(runs: Sequence[Run], keep_going: bool = False) -> List[Run]:
     """Run each unfinished run in this process; returns the runs that failed (stops at the
     first failure unless ``keep_going``)."""
-    from coop.engine import FINISHED_MARKER
     from coop.train import main as train_main
     from coop.utils import close_logger
 
     failed: List[Run] = []
     for i, run in enumerate(runs, 1):
-        if os.path.isfile(os.path.join(run.out, FINISHED_MARKER)):
+        if os.path.isfile(run.done_file()):
             print(f"Oops! The results exist at {run.out} (so skip this job)", flush=True)
             continue
-        print(f"[{i}/{len(runs)}] {run.dataset}, {run.cfg}, {run.shots} shots, seed {run.seed}: "
-              f"{run.out}", flush=True)  # fmt: skip
+        what = run.label + ("" if run.trainer == ZEROSHOT else f", seed {run.seed}")
+        print(f"[{i}/{len(runs)}] {what}: {run.out}", flush=True)
         t0 = time.perf_counter()
         try:
             rc = train_main(run.argv)
@@ -233,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csc", default="False", help="class-specific context (False or True)")
     p.add_argument("--ctp", default="end", help="class token position: end, middle or front")
     p.add_argument("--output", default="output", help="the folder main.sh writes to")
+    p.add_argument(
+        "--zeroshot", action="store_true", help="also run zero-shot CLIP per dataset (zeroshot.sh)"
+    )
     p.add_argument("--keep-going", action="store_true", help="go on after a failed run")
     p.add_argument("--dry-run", action="store_true", help="print the coop-train commands only")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run (KEY VALUE ...)")  # fmt: skip

@@ -153,3 +153,28 @@ def test_finished_runs_are_skipped_and_a_failure_stops_the_sweep(
     assert "missing.pt" in cap.err
     assert main([*argv[:8], "--keep-going", *argv[8:]]) == 1
     assert capsys.readouterr().err.count("coop-sweep: failed:") == 2  # seeds 2 and 3
+
+
+def test_zeroshot_baseline_runs_first_as_zeroshot_sh(data_root, tiny_rn, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert _sweep(data_root, out, tiny_rn, "--zeroshot", "--dry-run", seeds="1") == 0
+    first, second = capsys.readouterr().out.splitlines()
+    zs_dir = os.path.join(out, "ZeroshotCLIP", "rn50", "caltech101")
+    # zeroshot.sh caltech101 rn50: no seed, no shots, eval only
+    assert shlex.split(first)[:12] == [
+        "coop-train", "--root", data_root, "--trainer", "ZeroshotCLIP",
+        "--dataset-config-file", "configs/datasets/caltech101.yaml",
+        "--config-file", "configs/trainers/CoOp/rn50.yaml", "--output-dir", zs_dir,
+        "--eval-only",
+    ]  # fmt: skip
+    assert "--seed" not in shlex.split(first) and "DATASET.NUM_SHOTS" not in first
+    assert "--trainer CoOp" in second
+
+    assert _sweep(data_root, out, tiny_rn, "--zeroshot", seeds="1") == 0
+    printed = capsys.readouterr().out
+    acc = _metrics(zs_dir)["accuracy"]
+    assert f"caltech101 ZeroshotCLIP rn50: * accuracy: {acc:.2f}%" in printed
+    stamp = os.stat(os.path.join(zs_dir, "results.json")).st_mtime_ns
+    assert _sweep(data_root, out, tiny_rn, "--zeroshot", seeds="1") == 0
+    assert f"Oops! The results exist at {zs_dir} (so skip this job)" in capsys.readouterr().out
+    assert os.stat(os.path.join(zs_dir, "results.json")).st_mtime_ns == stamp
