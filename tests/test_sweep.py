@@ -106,9 +106,26 @@ def test_bad_arguments_stop_before_any_run(data_root, tmp_path, capsys, flags, m
     assert not os.path.exists(out)
 
 
-def test_runs_in_one_process_equal_separate_processes(data_root, tiny_rn, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (),
+        # loader workers (persistent, re-seeded per epoch) and the opt-in training cache
+        (
+            "DATALOADER.NUM_WORKERS",
+            "2",
+            "FAST.TRAIN_FEATURE_CACHE",
+            "True",
+            "FAST.TRAIN_CACHE_VIEWS",
+            "2",
+        ),
+    ],  # fmt: skip
+    ids=["default", "workers+train_cache"],
+)
+def test_runs_in_one_process_equal_separate_processes(data_root, tiny_rn, tmp_path, capsys, extra):
     out = str(tmp_path / "out")
-    assert _sweep(data_root, out, tiny_rn) == 0
+    extra = (*extra, "FAST.CACHE_DIR", str(tmp_path / "cache"))
+    assert _sweep(data_root, out, tiny_rn, opts=extra) == 0
     printed = capsys.readouterr().out
     first, second = (_run_dir(out, "rn50_ep50", 1, s) for s in (1, 2))
     for d in (first, second):
@@ -121,7 +138,8 @@ def test_runs_in_one_process_equal_separate_processes(data_root, tiny_rn, tmp_pa
         "--dataset-config-file", "configs/datasets/caltech101.yaml",
         "--config-file", "configs/trainers/CoOp/rn50_ep50.yaml", "--output-dir", alone,
         "TRAINER.COOP.N_CTX", "16", "TRAINER.COOP.CSC", "False",
-        "TRAINER.COOP.CLASS_TOKEN_POSITION", "end", "DATASET.NUM_SHOTS", "1", *_opts(tiny_rn),
+        "TRAINER.COOP.CLASS_TOKEN_POSITION", "end", "DATASET.NUM_SHOTS", "1",
+        *_opts(tiny_rn, *extra),
     ]  # fmt: skip
     subprocess.run([sys.executable, "-m", "coop.train", *argv], check=True, capture_output=True)
     assert _metrics(second) == _metrics(alone)
