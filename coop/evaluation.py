@@ -26,8 +26,9 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Macro F1 over the labels present in ``y_true`` (a fraction, not a percentage).
 
     What ``f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true))`` returns,
-    computed the way scikit-learn computes it: per label F1 = 2 tp / (2 tp + fp + fn) =
-    2 tp / (#true + #predicted) in float64, then the plain mean. Predictions of a label absent
+    computed the way current scikit-learn computes it: per label F1 = 2 tp / (2 tp + fp + fn)
+    = 2 tp / (#true + #predicted) in float64, then the plain mean (older versions went
+    through precision and recall, which can differ in the last bit). Predictions of a label absent
     from ``y_true`` count only as false negatives of the true label; a present label that is
     never predicted correctly scores 0.
     """
