@@ -6,10 +6,11 @@
 #   4. the warm evaluation and a one-seed sweep.
 # Each part writes its output (and the benchmark's JSON) to OUT_DIR and the next part runs
 # even if one fails; a part that outlasts its limit (seconds, PART_LIMIT, default 600) is
-# stopped. Usage: bash benchmarks/gpu_checks.sh [OUT_DIR]   (PYTHON=... to pick the python)
+# stopped. Usage: bash benchmarks/gpu_checks.sh [OUT_DIR]   (PYTHON=... to pick the python,
+# words allowed, e.g. PYTHON="python3 -P" where the checkout must not shadow installed code)
 set -u
 out="${1:-gpu_checks}"
-py="${PYTHON:-python}"
+read -r -a py <<<"${PYTHON:-python}"
 limit="${PART_LIMIT:-600}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -24,12 +25,12 @@ part() {  # name, command...
   echo "== $name: exit $rc"
 }
 
-part cuda_tests "$py" -m pytest -q tests/test_cuda.py
-part full "$py" benchmarks/run.py --device cuda \
+part cuda_tests "${py[@]}" -m pytest -q tests/test_cuda.py
+part full "${py[@]}" benchmarks/run.py --device cuda \
   --cases train_step_100,train_step_1000,text_fraction,eval_1000,memory_1000 \
   --json "$out/full.json"
-part graphs "$py" benchmarks/run.py --device cuda \
+part graphs "${py[@]}" benchmarks/run.py --device cuda \
   --cases train_step_100,train_step_1000,text_fraction \
   --fast-opt FAST.CUDA_GRAPHS=True --json "$out/graphs.json"
-part runs "$py" benchmarks/run.py --device cuda --cases eval_warm,sweep --sweep-seeds 1 \
+part runs "${py[@]}" benchmarks/run.py --device cuda --cases eval_warm,sweep --sweep-seeds 1 \
   --json "$out/runs.json"
