@@ -229,6 +229,37 @@ def file_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def try_file_lock(path: str) -> Iterator[bool]:
+    """Try to take the exclusive lock on ``<path>.lock`` without waiting; yields whether it
+    was taken (held for the ``with`` block). The kernel releases it when the holder exits,
+    however it exits. On systems without ``fcntl`` it always yields True."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    lock_path = path + ".lock"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(lock_path, e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def safe_torch_load(path: str, map_location: Any = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only."""
     import torch

@@ -220,9 +220,28 @@ def summarize(runs: Sequence[Run]) -> List[str]:
     return lines
 
 
+def _run_one(run: Run, i: int, n: int, train_main, close_logger) -> Tuple[int, float]:
+    """``coop-train``'s main on ``run`` in this process: (exit status, seconds)."""
+    what = run.label + ("" if run.trainer == ZEROSHOT else f", seed {run.seed}")
+    print(f"[{i}/{n}] {what}: {run.out}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        rc = train_main(run.argv)
+    except Exception:  # a crash of one run is reported like a failed process
+        traceback.print_exc()
+        rc = 1
+    finally:
+        close_logger()
+        gc.collect()  # the trainer (and its loader workers) go before the next run
+    return rc, time.perf_counter() - t0
+
+
 def run_all(runs: Sequence[Run], keep_going: bool = False) -> List[Run]:
     """Run each unfinished run in this process; returns the runs that failed (stops at the
-    first failure unless ``keep_going``)."""
+    first failure unless ``keep_going``). A run holds ``<its folder>/.sweep.lock`` while it
+    runs, and a run whose lock another process holds is skipped, so several coop-sweep
+    processes with the same arguments (one per GPU, say) share the grid out between them."""
+    from coop.io import WriteError, try_file_lock
     from coop.train import main as train_main
     from coop.utils import close_logger
 
@@ -231,18 +250,19 @@ def run_all(runs: Sequence[Run], keep_going: bool = False) -> List[Run]:
         if os.path.isfile(run.done_file()):
             print(f"Oops! The results exist at {run.out} (so skip this job)", flush=True)
             continue
-        what = run.label + ("" if run.trainer == ZEROSHOT else f", seed {run.seed}")
-        print(f"[{i}/{len(runs)}] {what}: {run.out}", flush=True)
-        t0 = time.perf_counter()
         try:
-            rc = train_main(run.argv)
-        except Exception:  # a crash of one run is reported like a failed process
-            traceback.print_exc()
-            rc = 1
-        finally:
-            close_logger()
-            gc.collect()  # the trainer (and its loader workers) go before the next run
-        elapsed = time.perf_counter() - t0
+            with try_file_lock(os.path.join(run.out, ".sweep")) as mine:
+                if not mine:  # another coop-sweep process is running it
+                    print(f"[{i}/{len(runs)}] running in another process, skipped: {run.out}",
+                          flush=True)  # fmt: skip
+                    continue
+                if os.path.isfile(run.done_file()):  # finished while we were not looking
+                    print(f"Oops! The results exist at {run.out} (so skip this job)", flush=True)
+                    continue
+                rc, elapsed = _run_one(run, i, len(runs), train_main, close_logger)
+        except WriteError as e:
+            print(f"coop-sweep: error: {e}", file=sys.stderr, flush=True)
+            rc, elapsed = 2, 0.0
         if rc != 0:
             print(f"[{i}/{len(runs)}] failed (exit status {rc}) after {elapsed:.1f} s: "
                   f"{run.out}", file=sys.stderr, flush=True)  # fmt: skip

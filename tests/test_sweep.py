@@ -196,3 +196,43 @@ def test_zeroshot_baseline_runs_first_as_zeroshot_sh(data_root, tiny_rn, tmp_pat
     assert _sweep(data_root, out, tiny_rn, "--zeroshot", seeds="1") == 0
     assert f"Oops! The results exist at {zs_dir} (so skip this job)" in capsys.readouterr().out
     assert os.stat(os.path.join(zs_dir, "results.json")).st_mtime_ns == stamp
+
+
+def test_a_run_locked_by_another_process_is_skipped(data_root, tiny_rn, tmp_path, capsys):
+    import fcntl
+
+    out = str(tmp_path / "out")
+    busy = _run_dir(out, "rn50_ep50", 1, 2)
+    os.makedirs(busy)
+    fd = os.open(os.path.join(busy, ".sweep.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running coop-sweep holds it
+        assert _sweep(data_root, out, tiny_rn, seeds="1,2,3") == 0
+    finally:
+        os.close(fd)
+    printed = capsys.readouterr().out
+    assert f"[2/3] running in another process, skipped: {busy}" in printed
+    assert not os.path.exists(os.path.join(busy, "log.txt"))
+    for seed in (1, 3):
+        assert os.path.isfile(os.path.join(_run_dir(out, "rn50_ep50", 1, seed), "finished"))
+    assert "(2 of 3 seeds)" in printed
+    # released: the next sweep runs it and skips the others
+    assert _sweep(data_root, out, tiny_rn, seeds="1,2,3") == 0
+    assert os.path.isfile(os.path.join(busy, "finished"))
+
+
+def test_two_sweeps_share_one_grid(data_root, tiny_rn, tmp_path):
+    out = str(tmp_path / "out")
+    argv = [sys.executable, "-m", "coop.sweep", "--root", data_root, "--datasets",
+            "caltech101", "--shots", "1,2", "--seeds", "1,2", "--output", out,
+            *_opts(tiny_rn)]  # fmt: skip
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    dirs = [_run_dir(out, cfg, k, s) for cfg, k in (("rn50_ep50", 1), ("rn50_ep100", 2))
+            for s in (1, 2)]  # fmt: skip
+    for d in dirs:
+        assert os.path.isfile(os.path.join(d, "finished"))
+        assert [f for f in os.listdir(d) if f.startswith("log.txt")] == ["log.txt"]  # one run
+    done = [line for text in outputs for line in text.splitlines() if " done in " in line]
+    assert len(done) == len(dirs)  # every run made exactly once, by one of the two
