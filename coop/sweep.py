@@ -15,7 +15,9 @@ ImageNet always ``*_ep50``); ``--cfg NAME`` uses one file for every run. ``--zer
 runs the zero-shot CLIP baseline of each dataset first, as ``scripts/zeroshot.sh`` does
 (``<output>/ZeroshotCLIP/<backbone>/<dataset>``, skipped when its ``results.json`` exists).
 At the end it prints, per dataset, config and shot count, the mean and standard deviation
-of the seeds' test accuracy as ``parse_test_res.py`` does (``np.std``, population).
+of the seeds' test accuracy in ``parse_test_res.py``'s form (``np.std``, population), from
+each run's ``results.json`` at full precision (``coop-parse`` reads the logs' one-decimal
+values, as ``parse_test_res.py`` does, so the second decimal can differ).
 
     coop-sweep --root /path/to/datasets --datasets caltech101,oxford_pets
     coop-sweep --root DATA --datasets imagenet --shots 16 --backbone vit_b16 --dry-run
@@ -196,7 +198,7 @@ def read_accuracy(out: str) -> Optional[float]:
 
 def summarize(runs: Sequence[Run]) -> List[str]:
     """Per (dataset, cfg, shots): ``* accuracy: <mean>% +- <std>%`` over the seeds that have
-    results (``np.std``, population, as ``parse_test_res.py``)."""
+    results (``np.std``, population, as ``parse_test_res.py``), from ``results.json``."""
     import numpy as np
 
     groups: Dict[Tuple[str, str, int], List[Optional[float]]] = {}
