@@ -1,13 +1,18 @@
 """``coop-parse``: the original ``parse_test_res.py``, reading the runs' ``log.txt`` files.
 
 For each non-hidden subfolder of DIRECTORY (normally ``seed1``, ``seed2``, ``seed3``), in
-sorted order, it reads ``<sub>/log.txt`` (not the time-stamped copies). From the line that
+sorted order, it reads ``<sub>/log.txt``. From the line that
 equals the end signal (``Finish training``, or ``=> result`` with ``--test-log`` for
 evaluation-only runs) on, lines are matched against ``* <keyword>: <number>%``; the last
 match is the run's value. It prints each run's value, then the mean and the population
 standard deviation (``np.std``), or with ``--ci95`` the 95% confidence interval
 ``1.96 * std / sqrt(n)``. ``--multi-exp`` treats every subfolder as an experiment folder of
 seed folders and ends with the mean of the experiments' means.
+
+One difference from the original, which reads ``log.txt`` only: when ``log.txt`` holds no
+result, the newest time-stamped ``log.txt-<time>`` that does is used and its path printed.
+A resumed run (the package resumes unfinished runs) keeps its first ``log.txt`` and logs its
+end there; the original would leave that seed out without a word.
 
     coop-parse output/caltech101/CoOp/rn50_16shots/nctx16_cscFalse_ctpend
     coop-parse output/evaluation/CoOp/rn50_ep50_16shots/nctx16_cscFalse_ctpend/imagenetv2 --test-log
@@ -53,6 +58,21 @@ def parse_log(path: str, keyword: str, end_signal: str) -> Optional[float]:
     return value
 
 
+def _resumed_log(folder: str, keyword: str, end_signal: str) -> Tuple[str, Optional[float]]:
+    """The newest ``log.txt-<time stamp>`` of ``folder`` that holds a result, and the result
+    (``("", None)`` when none does). A run that was resumed writes its end there, since the
+    first ``log.txt`` is kept."""
+    stamped = sorted(
+        (n for n in os.listdir(folder) if n.startswith("log.txt-")), reverse=True
+    )  # time stamps sort in time order
+    for name in stamped:
+        path = os.path.join(folder, name)
+        value = parse_log(path, keyword, end_signal)
+        if value is not None:
+            return path, value
+    return "", None
+
+
 def parse_directory(
     directory: str, keyword: str, end_signal: str, ci95: bool, out=None
 ) -> Tuple[float, float]:
@@ -67,6 +87,8 @@ def parse_directory(
         if not os.path.isfile(path):
             raise ParseError(f"{path} does not exist (every subfolder must hold a run's log.txt)")
         value = parse_log(path, keyword, end_signal)
+        if value is None:  # a resumed run logs on in log.txt-<time stamp>: the newest one
+            path, value = _resumed_log(os.path.join(directory, sub), keyword, end_signal)
         if value is None:
             continue
         values.append(value)

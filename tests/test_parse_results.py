@@ -129,3 +129,20 @@ def test_reads_what_real_runs_log(data_root, tiny_rn, tmp_path, capsys):
         accs.append(round(acc, 1))  # the log prints one decimal
         assert f"{os.path.join(exp, seed, 'log.txt')}. accuracy: {round(acc, 1):.2f}%. " in printed
     assert f"* accuracy: {np.mean(accs):.2f}% +- {np.std(accs):.2f}%" in printed
+
+
+def test_a_resumed_runs_result_is_read_from_its_newest_stamped_log(tmp_path, capsys):
+    root = str(tmp_path / "exp")
+    _train_logs(root, [70.0, 72.0], [0, 0])
+    seed2 = os.path.join(root, "seed2")
+    # seed 2 was killed, then resumed: its end is in the newer time-stamped log
+    _write(seed2, "epoch [1/2] batch [1/1] loss 1.0 acc 50.0\n")
+    stamped = [os.path.join(seed2, f"log.txt-2026-12-0{d}-10-00-00") for d in (1, 2)]
+    with open(stamped[0], "w", encoding="utf-8") as f:
+        f.write("Finish training\n* accuracy: 10.0%\n")
+    with open(stamped[1], "w", encoding="utf-8") as f:
+        f.write("Finish training\n* accuracy: 74.0%\n")
+    assert main([root]) == 0
+    out = capsys.readouterr().out
+    assert f"file: {stamped[1]}. accuracy: 74.00%. " in out
+    assert f"* accuracy: {np.mean([70.0, 74.0]):.2f}% +- {np.std([70.0, 74.0]):.2f}%" in out
