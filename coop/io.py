@@ -198,42 +198,10 @@ def remove_stale_temp_files(folder: str, basename: Optional[str] = None) -> List
 
 
 @contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``) for the ``with`` block.
-
-    Use it around "check whether ``path`` exists, create it if not, write it": a second
-    process waits until the first has written ``path`` and then finds it. The lock file is
-    left in place (removing it would race with waiting processes). On systems without
-    ``fcntl`` the block runs unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    lock_path = path + ".lock"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise write_error(lock_path, e) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("Waiting for another process to finish writing %s", path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def try_file_lock(path: str) -> Iterator[bool]:
-    """Try to take the exclusive lock on ``<path>.lock`` without waiting; yields whether it
-    was taken (held for the ``with`` block). The kernel releases it when the holder exits,
-    however it exits. On systems without ``fcntl`` it always yields True."""
+def _flock(path: str, wait: bool) -> Iterator[bool]:
+    """The exclusive ``fcntl.flock`` on ``<path>.lock`` for the ``with`` block; yields whether
+    it is held (``wait``: block until it is, with a log line). The kernel releases it when
+    the holder exits, however it exits. Without ``fcntl`` the block runs unlocked (True)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -249,8 +217,11 @@ def try_file_lock(path: str) -> Iterator[bool]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
+            if not wait:
+                yield False
+                return
+            logger.info("Waiting for another process to finish writing %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield True
         finally:
@@ -258,6 +229,26 @@ def try_file_lock(path: str) -> Iterator[bool]:
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (``fcntl.flock``) for the ``with`` block.
+
+    Use it around "check whether ``path`` exists, create it if not, write it": a second
+    process waits until the first has written ``path`` and then finds it. The lock file is
+    left in place (removing it would race with waiting processes). On systems without
+    ``fcntl`` the block runs unlocked."""
+    with _flock(path, wait=True):
+        yield
+
+
+@contextlib.contextmanager
+def try_file_lock(path: str) -> Iterator[bool]:
+    """Try to take the lock of :func:`file_lock` without waiting; yields whether it was taken
+    (held for the ``with`` block). On systems without ``fcntl`` it always yields True."""
+    with _flock(path, wait=False) as held:
+        yield held
 
 
 def safe_torch_load(path: str, map_location: Any = "cpu") -> Any:

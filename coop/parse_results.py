@@ -74,13 +74,12 @@ def _resumed_log(folder: str, keyword: str, end_signal: str) -> Tuple[str, Optio
 
 
 def parse_directory(
-    directory: str, keyword: str, end_signal: str, ci95: bool, out=None
+    directory: str, keyword: str, end_signal: str, ci95: bool
 ) -> Tuple[float, float]:
-    """Print each seed folder's value and the summary of ``directory`` (to ``out``, standard
-    output by default); returns ``(mean, spread)``."""
+    """Print each seed folder's value and the summary of ``directory``; returns
+    ``(mean, spread)``."""
     import numpy as np
 
-    out = out or sys.stdout
     values = []
     for sub in _subfolders(directory):
         path = os.path.join(directory, sub, "log.txt")
@@ -92,7 +91,7 @@ def parse_directory(
         if value is None:
             continue
         values.append(value)
-        print(f"file: {path}. {keyword}: {value:.2f}%. ", file=out)
+        print(f"file: {path}. {keyword}: {value:.2f}%. ")
     if not values:
         raise ParseError(
             f"no '* {keyword}: ...%' line after '{end_signal}' in the logs under {directory}"
@@ -102,10 +101,10 @@ def parse_directory(
     spread = float(np.std(values))
     if ci95:
         spread = 1.96 * spread / float(np.sqrt(len(values)))
-    print("===", file=out)
-    print(f"Summary of directory: {directory}", file=out)
-    print(f"* {keyword}: {mean:.2f}% +- {spread:.2f}%", file=out)
-    print("===", file=out)
+    print("===")
+    print(f"Summary of directory: {directory}")
+    print(f"* {keyword}: {mean:.2f}% +- {spread:.2f}%")
+    print("===")
     return mean, spread
 
 

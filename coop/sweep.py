@@ -222,8 +222,11 @@ def summarize(runs: Sequence[Run]) -> List[str]:
     return lines
 
 
-def _run_one(run: Run, i: int, n: int, train_main, close_logger) -> Tuple[int, float]:
+def _run_one(run: Run, i: int, n: int) -> Tuple[int, float]:
     """``coop-train``'s main on ``run`` in this process: (exit status, seconds)."""
+    from coop.train import main as train_main
+    from coop.utils import close_logger
+
     what = run.label + ("" if run.trainer == ZEROSHOT else f", seed {run.seed}")
     print(f"[{i}/{n}] {what}: {run.out}", flush=True)
     t0 = time.perf_counter()
@@ -244,8 +247,6 @@ def run_all(runs: Sequence[Run], keep_going: bool = False) -> List[Run]:
     runs, and a run whose lock another process holds is skipped, so several coop-sweep
     processes with the same arguments (one per GPU, say) share the grid out between them."""
     from coop.io import WriteError, try_file_lock
-    from coop.train import main as train_main
-    from coop.utils import close_logger
 
     failed: List[Run] = []
     for i, run in enumerate(runs, 1):
@@ -261,7 +262,7 @@ def run_all(runs: Sequence[Run], keep_going: bool = False) -> List[Run]:
                 if os.path.isfile(run.done_file()):  # finished while we were not looking
                     print(f"Oops! The results exist at {run.out} (so skip this job)", flush=True)
                     continue
-                rc, elapsed = _run_one(run, i, len(runs), train_main, close_logger)
+                rc, elapsed = _run_one(run, i, len(runs))
         except WriteError as e:
             print(f"coop-sweep: error: {e}", file=sys.stderr, flush=True)
             rc, elapsed = 2, 0.0
