@@ -105,12 +105,13 @@ FULL_RUN_CLIP = dict(
 )
 
 # Epochs of the official CoOp schedules (1 shot: 50, 2/4 shots: 100, 8/16 shots: 200) and
-# the default number of cached training views; the sweep divides both by SWEEP_DIV.
+# the default number of cached training views; the sweep divides both by SWEEP_DIV, so that
+# each cached view is reused over as many epochs as in the official schedule (5 to 20).
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
 OFFICIAL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 OFFICIAL_VIEWS = 10
-SWEEP_DIV = 20
+SWEEP_DIV = 10
 
 
 @dataclass
@@ -1142,10 +1143,16 @@ def official_estimate(runs: List[Dict[str, float]], epochs: Dict[int, int], view
     return est
 
 
+def sweep_schedule(div: int = SWEEP_DIV) -> Tuple[Dict[int, int], int]:
+    """The sweep's epochs per shot count and its cached views: the official ones divided by
+    ``div`` (rounded up, at least 1)."""
+    epochs = {k: max(1, math.ceil(e / div)) for k, e in OFFICIAL_EPOCHS.items()}
+    return epochs, max(1, math.ceil(OFFICIAL_VIEWS / div))
+
+
 def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
     data = env.data(plan.sweep_classes, plan.sweep_per_class)
-    views = max(1, math.ceil(OFFICIAL_VIEWS / SWEEP_DIV))
-    epochs = {k: max(1, math.ceil(e / SWEEP_DIV)) for k, e in OFFICIAL_EPOCHS.items()}
+    epochs, views = sweep_schedule()
     train_cache = _feature_implemented("TRAIN_FEATURE_CACHE")
     configs = {
         "plain": ["FAST.ENABLED", "False"],
@@ -1208,7 +1215,8 @@ def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
                 totals["plain"] / totals["fast+train_cache"],
                 (">=", 10.0),
                 note=f"FAST.TRAIN_FEATURE_CACHE True, TRAIN_CACHE_VIEWS {views} "
-                f"(official {OFFICIAL_VIEWS} / {SWEEP_DIV}, rounded up)"
+                f"(official {OFFICIAL_VIEWS} / {SWEEP_DIV}"
+                f"{'' if OFFICIAL_VIEWS % SWEEP_DIV == 0 else ', rounded up'})"
                 + est_note("fast+train_cache"),
             )
         )

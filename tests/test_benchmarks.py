@@ -161,3 +161,15 @@ def test_bad_fast_opt_is_refused(opt, message):
         text=True,
     )
     assert out.returncode == 2 and message in out.stderr
+
+
+def test_sweep_reuses_each_cached_view_as_often_as_the_official_schedule():
+    # the sweep scales epochs and views by the same factor: a cached view serves as many
+    # epochs as with the official 10 views at 50/100/200 epochs
+    epochs, views = bench.sweep_schedule()
+    assert views >= 1 and epochs[1] < bench.OFFICIAL_EPOCHS[1]
+    for shots, official in bench.OFFICIAL_EPOCHS.items():
+        assert epochs[shots] / views == official / bench.OFFICIAL_VIEWS
+    # a factor the views cannot follow (10 / 20 rounds up to 1) would break that
+    epochs, views = bench.sweep_schedule(20)
+    assert views == 1 and epochs[1] / views != bench.OFFICIAL_EPOCHS[1] / bench.OFFICIAL_VIEWS
