@@ -413,24 +413,41 @@ def sync(plan: Plan) -> None:
         torch.cuda.synchronize(plan.device)
 
 
-def bench(plan: Plan, fns: Dict[str, Callable[[], None]], reps: int = 0, warmup: int = -1):
+def progress(total: int, desc: str):
+    """A progress bar on stderr for long cases (a full-size CPU case runs for minutes before
+    its row prints); off where stderr is not a terminal, so logs hold only the rows."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=None, file=sys.stderr)
+
+
+def bench(
+    plan: Plan,
+    fns: Dict[str, Callable[[], None]],
+    reps: int = 0,
+    warmup: int = -1,
+    desc: str = "",
+):
     """Median seconds per function: warm-up rounds, then ``reps`` interleaved rounds whose
     order alternates (a, b, c / c, b, a / ...). Returns {name: (median, [times])}."""
     reps = reps or plan.reps
     warmup = plan.warmup if warmup < 0 else warmup
     names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-            sync(plan)
-    times: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for n in names if r % 2 == 0 else names[::-1]:
-            sync(plan)
-            t0 = time.perf_counter()
-            fns[n]()
-            sync(plan)
-            times[n].append(time.perf_counter() - t0)
+    with progress((warmup + reps) * len(names), desc or "timing") as bar:
+        for _ in range(warmup):
+            for n in names:
+                fns[n]()
+                sync(plan)
+                bar.update()
+        times: Dict[str, List[float]] = {n: [] for n in names}
+        for r in range(reps):
+            for n in names if r % 2 == 0 else names[::-1]:
+                sync(plan)
+                t0 = time.perf_counter()
+                fns[n]()
+                sync(plan)
+                times[n].append(time.perf_counter() - t0)
+                bar.update()
     return {n: (statistics.median(t), t) for n, t in times.items()}
 
 
@@ -550,7 +567,9 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
         fns["image"] = image_forward_fn(mf, images)
         if not large:
             fns["image_plain"] = image_forward_fn(mp, images)
-        t = bench(plan, fns)
+        t = bench(
+            plan, fns, desc=f"{'train_step_1000' if large else 'train_step_100'} {shape.name}"
+        )
         tf, ti = t["fast"][0], t["image"][0]
         mean_len, max_len = name_token_stats(names)
         setting = f"{shape.name} {n_cls} cls b{shape.batch}"
@@ -638,6 +657,7 @@ def case_text_fraction(plan: Plan, models: _Models) -> Dict[str, Any]:
                 "plain_text": text_forward_backward_fn(mp, weight),
                 "image": image_forward_fn(mf, images),
             },
+            desc=f"text_fraction {shape.name}",
         )
         ti, tft, tpt = t["image"][0], t["fast_text"][0], t["plain_text"][0]
         rows.append(
@@ -674,6 +694,7 @@ def case_eval_1000(plan: Plan, models: _Models) -> Dict[str, Any]:
                 reps=min(plan.reps, 3 if plan.quick else 5),
                 # the quick models ran in train_step_1000 already
                 warmup=min(plan.warmup, 0 if plan.quick else 1),
+                desc=f"eval_1000 {shape.name} b{batch}",
             )
             tp, tf = t["plain"][0], t["fast"][0]
             # extrapolation to an ImageNet-sized split (50,000 images), per-batch costs as
@@ -1170,18 +1191,21 @@ def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
     per_run: Dict[str, List[Dict[str, float]]] = {c: [] for c in configs}
     names = list(configs)
     i = 0
-    for shots in SHOTS:
-        for seed in plan.sweep_seeds:
-            order = names[i % len(names) :] + names[: i % len(names)]  # rotate who goes first
-            i += 1
-            for c in order:
-                out = os.path.join(plan.tmp, f"sweep_{c}_{shots}_{seed}")
-                extra = ["OPTIM.MAX_EPOCH", str(epochs[shots]), *configs[c]]
-                t = run_main(env.argv(data, out, *extra, seed=seed, shots=shots))
-                t["shots"] = shots
-                totals[c] += t["total"]
-                per_run[c].append(t)
-                shutil.rmtree(out, ignore_errors=True)
+    with progress(len(SHOTS) * len(plan.sweep_seeds) * len(names), "sweep runs") as bar:
+        for shots in SHOTS:
+            for seed in plan.sweep_seeds:
+                order = names[i % len(names) :] + names[: i % len(names)]  # rotate who's first
+                i += 1
+                for c in order:
+                    out = os.path.join(plan.tmp, f"sweep_{c}_{shots}_{seed}")
+                    extra = ["OPTIM.MAX_EPOCH", str(epochs[shots]), *configs[c]]
+                    t = run_main(env.argv(data, out, *extra, seed=seed, shots=shots))
+                    t["shots"] = shots
+                    totals[c] += t["total"]
+                    per_run[c].append(t)
+                    shutil.rmtree(out, ignore_errors=True)
+                    bar.set_postfix_str(f"{c}, {shots} shots, seed {seed}")
+                    bar.update()
     setting = f"{plan.sweep_classes} cls, 5 shots x {len(plan.sweep_seeds)} seeds"
     ep = "/".join(str(epochs[k]) for k in SHOTS)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -173,3 +175,26 @@ def test_sweep_reuses_each_cached_view_as_often_as_the_official_schedule():
     # a factor the views cannot follow (10 / 20 rounds up to 1) would break that
     epochs, views = bench.sweep_schedule(20)
     assert views == 1 and epochs[1] / views != bench.OFFICIAL_EPOCHS[1] / bench.OFFICIAL_VIEWS
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_timing_shows_progress_on_a_terminal_only(monkeypatch, terminal):
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    plan = bench.make_plan(True, "cpu")
+    calls = []
+
+    def fn(name):  # slower than the bar's refresh interval (0.1 s), so each call shows
+        return lambda: (time.sleep(0.12), calls.append(name))
+
+    t = bench.bench(plan, {"a": fn("a"), "b": fn("b")}, reps=2, warmup=1, desc="case X")
+    assert len(calls) == 6 and len(t["a"][1]) == len(t["b"][1]) == 2
+    if terminal:
+        assert "case X" in err.getvalue() and "6/6" in err.getvalue()
+    else:
+        assert err.getvalue() == ""
