@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -1329,6 +1330,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(memory_child(spec)))
         return 0
 
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device takes cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -1336,8 +1339,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {CASES}")
 
-    if args.reps < 0 or args.warmup < -1 or args.eval_batches < 0:
-        p.error("--reps, --warmup and --eval-batches must not be negative")
+    if args.reps < 0 or args.warmup < -1 or args.eval_batches < 0 or args.threads < 0:
+        p.error("--reps, --warmup, --eval-batches and --threads must not be negative")
     if not 1 <= args.sweep_seeds <= len(SEEDS):
         p.error(f"--sweep-seeds must be between 1 and {len(SEEDS)}, got {args.sweep_seeds}")
     plan = make_plan(args.quick, args.device)

@@ -198,3 +198,20 @@ def test_timing_shows_progress_on_a_terminal_only(monkeypatch, terminal):
         assert "case X" in err.getvalue() and "6/6" in err.getvalue()
     else:
         assert err.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "tpu"], "--device takes cpu, cuda or cuda:N, got 'tpu'"),
+        (["--threads", "-1"], "--threads must not be negative"),
+        (["--warmup", "-2"], "--eval-batches and --threads must not be negative"),
+        (["--cases", "train_step_100,bogus"], "unknown case(s) ['bogus']"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--quick", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr()
+    assert message in err.err and err.out == ""  # not even the machine line
