@@ -82,9 +82,10 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_gpu_choice_for_few_classes_runs_no_more_operations_than_the_original(clip_deep):
-    """What the GPU default rests on: truncation runs the original's operations (plus a
-    couple), the shared prefix far more of them (though far fewer FLOPs)."""
+def test_the_gpu_choice_for_few_classes_runs_fewer_operations_than_the_original(clip_deep):
+    """What the GPU default rests on: truncation runs fewer operations than the original
+    (its blocks attend causally without nn.MultiheadAttention's layout copies and mask; about
+    40% fewer per layer), the shared prefix far more of them (though far fewer FLOPs)."""
     counts = {}
     for mode in ("plain", "truncate", "shared_prefix"):
         torch.manual_seed(0)
@@ -93,7 +94,7 @@ def test_the_gpu_choice_for_few_classes_runs_no_more_operations_than_the_origina
         with _CountOps() as ops:
             model.text_features().sum().backward()
         counts[mode] = ops.n
-    assert counts["truncate"] <= counts["plain"] * 1.05
+    assert counts["truncate"] < counts["plain"] * 0.85  # three layers; 0.62 at twelve
     assert counts["shared_prefix"] > counts["plain"] * 1.2
     auto = CustomCLIP(_cfg(), NAMES, clip_deep)
     assert auto.text_modes == {"cpu": "shared_prefix", "cuda": "truncate"}
