@@ -3,7 +3,9 @@
 #   1. the CUDA tests (tests/test_cuda.py);
 #   2. the full-size benchmark's training-step, evaluation and memory cases;
 #   3. the training-step cases again with the opt-in CUDA graphs (FAST.CUDA_GRAPHS);
-#   4. the warm evaluation and a one-seed sweep.
+#   4. the warm evaluation and a one-seed sweep;
+#   5. the training-step and memory cases with the text side truncated at every class count
+#      (FAST.TEXT truncate), against which FAST.GPU_SHARED_PREFIX_MIN_CLASSES is chosen.
 # Each part writes its output (and the benchmark's JSON) to OUT_DIR and the next part runs
 # even if one fails; a part that outlasts its limit (seconds, PART_LIMIT, default 600) is
 # stopped. Usage: bash benchmarks/gpu_checks.sh [OUT_DIR]   (PYTHON=... to pick the python,
@@ -34,3 +36,6 @@ part graphs "${py[@]}" benchmarks/run.py --device cuda \
   --fast-opt FAST.CUDA_GRAPHS=True --json "$out/graphs.json"
 part runs "${py[@]}" benchmarks/run.py --device cuda --cases eval_warm,sweep --sweep-seeds 1 \
   --json "$out/runs.json"
+part truncate "${py[@]}" benchmarks/run.py --device cuda \
+  --cases train_step_100,train_step_1000,memory_1000 \
+  --fast-opt FAST.TEXT=truncate --json "$out/truncate.json"

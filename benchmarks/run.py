@@ -795,6 +795,7 @@ def memory_child(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def _memory_step(spec: Dict[str, Any]) -> Dict[str, Any]:
     plan = make_plan(spec["quick"], spec["device"])
+    plan.fast_opts = tuple(spec.get("fast_opts", ()))  # --fast-opt reaches this path too
     shape = plan.shapes[spec["shape"]]
     n_cls = spec["n_cls"]
     clip_model = build_clip(plan, shape, "fast" if spec["fast"] else "")
@@ -810,7 +811,7 @@ def _memory_step(spec: Dict[str, Any]) -> Dict[str, Any]:
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        return {"peak": peak, "extra": peak - base, "base": base}
+        return {"peak": peak, "extra": peak - base, "base": base, "text_mode": model.text_mode}
     # CPU: the kernel's peak RSS (VmHWM, reset just before the step) and, as a cross-check,
     # the RSS sampled every ~0.5 ms by a thread while the step runs
     base = _current_rss()
@@ -837,6 +838,7 @@ def _memory_step(spec: Dict[str, Any]) -> Dict[str, Any]:
         "sampled_extra": sampled[0] - base,
         "method": "VmHWM" if hwm_ok else "sampled",
         "data_after": _status_bytes("VmData"),  # what RLIMIT_DATA counts, after the step
+        "text_mode": model.text_mode,
     }
 
 
@@ -854,6 +856,7 @@ def memory_result(plan: Plan, key: str, fast: bool) -> Dict[str, Any]:
         shape=key,
         n_cls=plan.n_large,
         fast=fast,
+        fast_opts=list(plan.fast_opts),
         threads=plan.threads,
         # on a CPU: leave a fifth of the available memory to the rest of the machine
         limit=0 if plan.cuda else int(_available_memory() * 0.8),

@@ -37,9 +37,10 @@ def test_row_judges_against_the_target(value, target, result):
     assert skipped["passed"] is None and skipped["result"] == "SKIP (does not fit)"
 
 
-def _child(fast: bool, limit: int) -> dict:
-    spec = dict(quick=True, device="cpu", shape="RN50", n_cls=300, fast=fast, threads=1)
+def _child(fast: bool, limit: int, n_cls: int = 300, fast_opts=()) -> dict:
+    spec = dict(quick=True, device="cpu", shape="RN50", n_cls=n_cls, fast=fast, threads=1)
     spec["limit"] = limit
+    spec["fast_opts"] = list(fast_opts)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--memory-child"]
@@ -215,3 +216,11 @@ def test_bad_arguments_are_refused_before_anything_runs(capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr()
     assert message in err.err and err.out == ""  # not even the machine line
+
+
+def test_the_memory_step_runs_the_fast_path_that_fast_opt_asks_for():
+    # each path's step runs in a fresh process: --fast-opt must reach it there too
+    assert _child(fast=True, limit=0, n_cls=20)["text_mode"] == "shared_prefix"
+    truncated = _child(fast=True, limit=0, n_cls=20, fast_opts=["FAST.TEXT", "truncate"])
+    assert truncated["text_mode"] == "truncate"
+    assert _child(fast=False, limit=0, n_cls=20)["text_mode"] == "plain"
