@@ -224,3 +224,21 @@ def test_the_memory_step_runs_the_fast_path_that_fast_opt_asks_for():
     truncated = _child(fast=True, limit=0, n_cls=20, fast_opts=["FAST.TEXT", "truncate"])
     assert truncated["text_mode"] == "truncate"
     assert _child(fast=False, limit=0, n_cls=20)["text_mode"] == "plain"
+
+
+def test_gpu_checks_runs_the_chosen_parts_and_goes_on_after_a_failure(tmp_path):
+    fake = tmp_path / "python"  # stands in for the python: logs its arguments
+    fake.write_text('#!/bin/sh\necho "$@" >> "$LOG"\n[ "$1 $2" = "-m pytest" ] && exit 3\nexit 0\n')
+    fake.chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "calls.log"
+    env = dict(os.environ, PYTHON=str(fake), LOG=str(log), PARTS="cuda_tests truncate")
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "benchmarks", "gpu_checks.sh"), str(out)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and calls[0].startswith("-m pytest")  # the failing part ...
+    assert "--fast-opt FAST.TEXT=truncate" in calls[1]  # ... does not stop the next
+    assert "== cuda_tests: exit 3" in proc.stdout and "== truncate: exit 0" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["cuda_tests.txt", "truncate.txt"]
