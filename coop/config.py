@@ -176,7 +176,8 @@ def _coop_dassl_additions(cfg: CN) -> None:
     cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = 500
     # > 0: with more classes than this, run the text encoder over chunks of this many
     # classes with activation checkpointing (bounds training memory for very many classes;
-    # the shared-prefix path already needs a fraction of the plain path's memory at 1000)
+    # the shared-prefix path already needs a fraction of the plain path's memory at 1000);
+    # both fast text paths (shared prefix and truncation) chunk, the plain path never does
     cfg.FAST.CLASS_CHUNK = 1024
     # ResNet image encoders run in channels-last memory format (faster convolutions)
     cfg.FAST.CHANNELS_LAST = True

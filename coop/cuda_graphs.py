@@ -27,6 +27,27 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_SHAPES = 4
 
 
+class _OwnGradient(torch.autograd.Function):
+    """Identity whose backward hands on a copy of the gradient. A graphed callable's backward
+    returns views of its graph's static gradient buffer, which autograd may install as the
+    leaf's ``.grad`` as it is; a ``zero_grad(set_to_none=False)`` would then zero the graph's
+    buffer, and the next backward would add the new gradient to itself (twice the gradient).
+    With the copy, ``.grad`` never shares memory with the graph."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.clone()
+
+
+def own_gradient(x: torch.Tensor) -> torch.Tensor:
+    """``x`` for the forward; its gradient is a fresh copy (see :class:`_OwnGradient`)."""
+    return _OwnGradient.apply(x)
+
+
 class GraphedTextSide:
     """``fn(ctx) -> text features`` recorded as a forward and a backward CUDA graph.
 
@@ -49,7 +70,7 @@ class GraphedTextSide:
         return ctx.shape == self.shape and ctx.dtype == self.dtype and ctx.device == self.device
 
     def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
-        return self._graphed(ctx)
+        return self._graphed(own_gradient(ctx))
 
 
 class GraphedImageEncoder:

@@ -192,6 +192,39 @@ def test_shared_prefix_matches_plain_forward_and_gradient(clip_deep, chunk):
     assert not torch.equal(grad_plain, torch.zeros_like(grad_plain))
 
 
+@pytest.mark.parametrize("csc,position", [(True, "end"), (False, "middle")])
+def test_truncated_path_runs_class_chunks_like_the_whole(clip_deep, monkeypatch, csc, position):
+    """FAST.CLASS_CHUNK bounds the truncated path's memory too (class-specific contexts,
+    middle/front class positions): chunks of classes under activation checkpointing give the
+    features and the context gradient of one pass over all classes."""
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for chunk in (0, 2):
+        cfg = _cfg(TEXT="auto", CLASS_CHUNK=chunk)
+        cfg.TRAINER.COOP.CSC, cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = csc, position
+        torch.manual_seed(0)
+        model = CustomCLIP(cfg, NAMES, clip_deep)
+        assert model.text_mode == "truncate"
+        feats = model.text_features()  # unit rows: weigh them, as the logits do
+        w = torch.randn(feats.shape, generator=torch.Generator().manual_seed(2))
+        (feats * w).sum().backward()
+        runs[chunk] = (feats.detach(), model.prompt_learner.ctx.grad.clone())
+        if chunk == 0:
+            assert calls == []
+            with torch.no_grad():  # evaluation needs no chunks: nothing is kept for a backward
+                model.text_features()
+            assert calls == []
+    assert len(calls) == 3  # 5 classes in chunks of 2
+    (f0, g0), (f2, g2) = runs[0], runs[2]
+    assert torch.allclose(f2, f0, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g2, g0, rtol=1e-4, atol=1e-5 * g0.abs().max())
+    assert g0.abs().max() > 0
+
+
 _WORDS = "red fox big cat tiny bird of the north old oak tree sea lion kite".split()
 
 
@@ -575,6 +608,43 @@ def test_cuda_graphs_are_opt_in_and_leave_other_devices_and_precisions_eager(
     assert loss_lines(os.path.join(runs["True"], "log.txt")) == loss_lines(
         os.path.join(runs["False"], "log.txt")
     )
+
+
+class _StaticGradient(torch.autograd.Function):
+    """Stands in for a graphed callable: ``2 * x``, whose backward writes the gradient into
+    one static buffer and returns a detached view of it, as a replayed backward graph does."""
+
+    buffer = torch.zeros(3)
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        _StaticGradient.buffer.copy_(grad * 2)
+        return _StaticGradient.buffer.detach()
+
+
+@pytest.mark.parametrize("own", [False, True])
+def test_a_graphed_gradient_does_not_alias_the_context_gradient(own):
+    from coop.cuda_graphs import own_gradient
+
+    ctx = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([ctx], lr=0.0)
+    grads = []
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)  # zeroes .grad in place after the first step
+        x = own_gradient(ctx) if own else ctx
+        (_StaticGradient.apply(x) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        grads.append(ctx.grad.clone())
+    expected = torch.tensor([2.0, 4.0, 6.0])
+    if own:
+        assert all(torch.equal(g, expected) for g in grads)
+        assert ctx.grad.data_ptr() != _StaticGradient.buffer.data_ptr()
+    else:  # the hazard own_gradient removes: .grad became the buffer and adds to itself
+        assert ctx.grad.data_ptr() == _StaticGradient.buffer.data_ptr()
+        assert torch.equal(grads[1], 2 * expected)
 
 
 def test_evaluation_runs_under_inference_mode_and_training_goes_on_after_it(

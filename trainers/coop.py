@@ -285,9 +285,7 @@ class CustomCLIP(nn.Module):
                 prefix, pl.token_suffix, tokenized, lengths=self.suffix_lengths
             )
         elif mode == "truncate":
-            text_features = self.text_encoder.forward_truncated(
-                pl(ctx), tokenized, length=self.text_length
-            )
+            text_features = self._truncated_features(pl(ctx), tokenized)
         elif self.cuda_graphs:
             # the original's computation over all 77 positions, without host copies (which
             # a CUDA graph cannot record)
@@ -297,6 +295,26 @@ class CustomCLIP(nn.Module):
         else:
             text_features = self.text_encoder(pl(ctx), self.tokenized_prompts.to(ctx.device))
         return text_features / text_features.norm(dim=-1, keepdim=True)
+
+    def _truncated_features(self, prompts: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
+        """The truncated text path; with more classes than ``FAST.CLASS_CHUNK`` in a pass
+        that records gradients, over chunks of that many classes with activation
+        checkpointing, as the shared prefix runs them (each class's features depend only on
+        its own prompt)."""
+        encode = self.text_encoder.forward_truncated
+        n, chunk = prompts.shape[0], self.shared_prefix_encoder.class_chunk
+        if not (chunk and torch.is_grad_enabled() and n > chunk):
+            return encode(prompts, tokenized, length=self.text_length)
+        from torch.utils.checkpoint import checkpoint
+
+        parts = [
+            checkpoint(
+                encode, prompts[a : a + chunk], tokenized[a : a + chunk], self.text_length,
+                use_reentrant=False,
+            )
+            for a in range(0, n, chunk)
+        ]  # fmt: skip
+        return torch.cat(parts)
 
     @contextlib.contextmanager
     def frozen_text_features(self) -> Iterator[None]:
