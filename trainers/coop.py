@@ -189,7 +189,7 @@ def text_mode(cfg, prompt_learner: PromptLearner, device: str = "cpu") -> str:
     The shared prefix computes the fewest FLOPs but launches about 45% more operations than
     the original text tower. On a GPU a step with a few hundred classes is bound by the cost
     of launching operations, not by FLOPs (benchmarks/README.md, "Full run on a GPU"), so
-    there ``auto`` truncates at the last end-of-text token (about 40% fewer operations than
+    there ``auto`` truncates at the last end-of-text token (about a third fewer operations than
     the original, over fewer tokens; :func:`coop.clip_adapter.encode_causal`) below ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES`` classes, unless the step
     replays the text side from CUDA graphs (``FAST.CUDA_GRAPHS``), where that cost is gone."""
     if not cfg.FAST.ENABLED or cfg.FAST.TEXT == "plain":
