@@ -94,15 +94,29 @@ class GraphedImageEncoder:
         key = self._key(x)
         entry = self._graphs.get(key)
         if entry is None:
-            if len(self._graphs) >= self.max_shapes or x.device.type != "cuda":
+            if len(self._graphs) >= self.max_shapes or not self._recordable(x):
                 with torch.no_grad():
                     return self.fn(x)
-            entry = self._record(x)
+            try:
+                entry = self._record(x)
+            except RuntimeError as e:  # the platform cannot record it: eager from now on
+                text = str(e).strip()
+                logger.warning(
+                    "FAST.CUDA_GRAPHS: recording the image encoder as a CUDA graph failed "
+                    f"({text.splitlines()[0] if text else type(e).__name__}); it runs eagerly"
+                )
+                self.max_shapes = 0
+                with torch.no_grad():
+                    return self.fn(x)
             self._graphs[key] = entry
         graph, static_in, static_out = entry
         static_in.copy_(x)
         graph.replay()
         return static_out.clone()
+
+    @staticmethod
+    def _recordable(x: torch.Tensor) -> bool:
+        return x.device.type == "cuda"
 
     def _record(self, x: torch.Tensor):
         static_in = x.detach().clone()

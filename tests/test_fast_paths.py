@@ -647,6 +647,65 @@ def test_a_graphed_gradient_does_not_alias_the_context_gradient(own):
         assert torch.equal(grads[1], 2 * expected)
 
 
+def test_a_text_side_that_cannot_be_graphed_runs_eagerly_after_one_warning(
+    clip_deep, monkeypatch, caplog
+):
+    """Where a platform cannot record CUDA graphs, FAST.CUDA_GRAPHS costs one warning, not
+    the run: the text side is computed eagerly (the same features), on the path the GPU
+    takes without graphs, and recording is not tried again. (On a CPU, with the GPU-only
+    conditions lifted and the recorder made to fail as a capture does.)"""
+    import coop.trainers.coop as coop_mod
+
+    attempts = []
+
+    def failing_recorder(fn, ctx):
+        attempts.append(1)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(coop_mod, "GraphedTextSide", failing_recorder)
+    monkeypatch.setattr(
+        CustomCLIP, "_graph_text_side", lambda self, ctx: self.cuda_graphs and self._record_text
+    )
+    torch.manual_seed(0)
+    eager = CustomCLIP(_cfg(), NAMES, clip_deep)
+    torch.manual_seed(0)
+    model = CustomCLIP(_cfg(CUDA_GRAPHS=True), NAMES, clip_deep)
+    assert model.text_modes["cuda"] == "shared_prefix"  # the choice with graphs
+    with caplog.at_level("WARNING"):
+        first, second = model.text_features(), model.text_features()
+    assert attempts == [1]
+    warnings = [r.getMessage() for r in caplog.records if "FAST.CUDA_GRAPHS" in r.getMessage()]
+    assert warnings == [
+        "FAST.CUDA_GRAPHS: recording the text side as a CUDA graph failed (CUDA error: "
+        "operation not permitted when stream is capturing); it runs eagerly from now on "
+        "(the same numbers, without the speed-up)"
+    ]
+    assert model.text_modes["cuda"] == "truncate" == eager.text_modes["cuda"]
+    assert torch.equal(first, second) and torch.equal(first, eager.text_features())
+
+
+def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
+    monkeypatch, caplog
+):
+    from coop.cuda_graphs import GraphedImageEncoder
+
+    attempts = []
+
+    def failing_record(self, x):
+        attempts.append(1)
+        raise RuntimeError("CUDA error: operation not supported")
+
+    monkeypatch.setattr(GraphedImageEncoder, "_recordable", staticmethod(lambda x: True))
+    monkeypatch.setattr(GraphedImageEncoder, "_record", failing_record)
+    enc = GraphedImageEncoder(lambda x: x * 3)
+    with caplog.at_level("WARNING"):
+        outs = [enc(torch.ones(2, 3)), enc(torch.ones(2, 3)), enc(torch.ones(4, 3))]
+    assert attempts == [1] and enc._graphs == {}
+    assert all(torch.equal(o, torch.full_like(o, 3.0)) for o in outs)
+    assert sum("recording the image encoder as a CUDA graph failed" in r.getMessage()
+               for r in caplog.records) == 1  # fmt: skip
+
+
 def test_evaluation_runs_under_inference_mode_and_training_goes_on_after_it(
     data_root, learnable_clip, tmp_path, monkeypatch
 ):

@@ -225,12 +225,18 @@ class CustomCLIP(nn.Module):
         self._cached_text_features: Optional[torch.Tensor] = None
         # the text path on a CPU and on a GPU; the one of the context's device is used
         self.text_modes = {d: text_mode(cfg, self.prompt_learner, d) for d in ("cpu", "cuda")}
+        # the GPU's choice should the graphs fail to record (see text_features)
+        eager = cfg.clone()
+        eager.defrost()
+        eager.FAST.CUDA_GRAPHS = False
+        self._eager_gpu_text_mode = text_mode(eager, self.prompt_learner, "cuda")
         chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
         self.text_encoder = TextEncoder(clip_model)
         self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
         # opt-in: the text side and the image encoder replayed as CUDA graphs (fp16 / fp32)
         self.cuda_graphs = graphs_replay_text(cfg)
         self._graphed_text: Optional[GraphedTextSide] = None
+        self._record_text = True  # False once recording the text side has failed
         self._graphed_image: Optional[GraphedImageEncoder] = None
         self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
         self.channels_last = channels_last_for(cfg, self.image_encoder)
@@ -257,10 +263,27 @@ class CustomCLIP(nn.Module):
         ctx = self.prompt_learner.ctx
         if self._graph_text_side(ctx):
             if self._graphed_text is None or not self._graphed_text.matches(ctx):
-                self._graphed_text = GraphedTextSide(self._text_features_of, ctx)
+                try:
+                    self._graphed_text = GraphedTextSide(self._text_features_of, ctx)
+                except RuntimeError as e:  # the platform cannot record it: run eagerly
+                    self._text_graph_failed(e)
+                    return self._text_features_of(ctx)
                 logger.info("Text side recorded as CUDA graphs (forward and backward)")
             return self._graphed_text(ctx)
         return self._text_features_of(ctx)
+
+    def _text_graph_failed(self, error: BaseException) -> None:
+        """``FAST.CUDA_GRAPHS`` could not record the text side: from now on it is computed
+        eagerly (the same numbers; only the speed differs), on the text path the GPU takes
+        without graphs. The image encoder's graphs are kept (they fall back on their own)."""
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning(
+            f"FAST.CUDA_GRAPHS: recording the text side as a CUDA graph failed ({first}); "
+            "it runs eagerly from now on (the same numbers, without the speed-up)"
+        )
+        self._record_text = False
+        self._graphed_text = None
+        self.text_modes["cuda"] = self._eager_gpu_text_mode
 
     def _graph_text_side(self, ctx: torch.Tensor) -> bool:
         """Replay the text side from CUDA graphs: opted in, on a GPU, in a training pass
@@ -268,6 +291,7 @@ class CustomCLIP(nn.Module):
         activation checkpointing recomputes in the backward)."""
         return (
             self.cuda_graphs
+            and self._record_text
             and ctx.is_cuda
             and ctx.requires_grad
             and torch.is_grad_enabled()
