@@ -16,7 +16,14 @@ set -u
 out="${1:-gpu_checks}"
 read -r -a py <<<"${PYTHON:-python}"
 limit="${PART_LIMIT:-600}"
-parts=" ${PARTS:-cuda_tests full graphs runs truncate} "
+all_parts="cuda_tests full graphs runs truncate"
+parts=" ${PARTS:-$all_parts} "
+for p in $parts; do
+  if [[ " $all_parts " != *" $p "* ]]; then
+    echo "gpu_checks.sh: unknown part '$p' in PARTS; the parts are: $all_parts" >&2
+    exit 2
+  fi
+done
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 

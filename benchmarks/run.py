@@ -918,7 +918,8 @@ def case_memory(plan: Plan) -> Dict[str, Any]:
                     note="the plain step did not fit: it failed to allocate above the cap of "
                     f"{_fmt_amount(limit, 'B')} (4/5 of the available memory), so the 'plain' "
                     "column is a lower bound and the ratio an upper bound; fast = peak RSS "
-                    "during one step minus RSS before it, weights not included",
+                    "during one step minus RSS before it, weights not included; fast text "
+                    f"mode {res['fast'].get('text_mode', '?')}",
                 )
             )
             continue
@@ -952,7 +953,8 @@ def case_memory(plan: Plan) -> Dict[str, Any]:
                 ("<=", 0.5),
                 unit="B",
                 value_fmt="{:.3f}",
-                note=f"ratio = fast/plain; {what}",
+                note=f"ratio = fast/plain; {what}; fast text mode "
+                f"{res['fast'].get('text_mode', '?')}",
             )
         )
     return {"rows": rows, "memory": info}

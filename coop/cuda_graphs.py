@@ -16,8 +16,9 @@ eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
@@ -25,6 +26,19 @@ logger = logging.getLogger(__name__)
 
 # graphs kept per image encoder: the training batch, a smaller last batch, the test batches
 MAX_IMAGE_SHAPES = 4
+
+
+@contextlib.contextmanager
+def _stream_kept_on_failure(device: torch.device) -> Iterator[None]:
+    """Restore the current CUDA stream if recording fails: ``torch.cuda.graph`` enters its
+    side stream before it begins the capture and leaves it only after a successful end, so a
+    capture the platform refuses would leave every later operation on that side stream."""
+    stream = torch.cuda.current_stream(device)
+    try:
+        yield
+    except BaseException:
+        torch.cuda.set_stream(stream)
+        raise
 
 
 class _OwnGradient(torch.autograd.Function):
@@ -64,7 +78,10 @@ class GraphedTextSide:
             raise ValueError(f"CUDA graphs need the context on a CUDA device, not {ctx.device}")
         sample = ctx.detach().clone().requires_grad_(True)
         self.shape, self.dtype, self.device = ctx.shape, ctx.dtype, ctx.device
-        self._graphed = torch.cuda.make_graphed_callables(fn, (sample,), num_warmup_iters=warmup)
+        with _stream_kept_on_failure(ctx.device):
+            self._graphed = torch.cuda.make_graphed_callables(
+                fn, (sample,), num_warmup_iters=warmup
+            )
 
     def matches(self, ctx: torch.Tensor) -> bool:
         return ctx.shape == self.shape and ctx.dtype == self.dtype and ctx.device == self.device
@@ -98,7 +115,8 @@ class GraphedImageEncoder:
                 with torch.no_grad():
                     return self.fn(x)
             try:
-                entry = self._record(x)
+                with _stream_kept_on_failure(x.device):
+                    entry = self._record(x)
             except RuntimeError as e:  # the platform cannot record it: eager from now on
                 text = str(e).strip()
                 logger.warning(

@@ -242,3 +242,10 @@ def test_gpu_checks_runs_the_chosen_parts_and_goes_on_after_a_failure(tmp_path):
     assert "--fast-opt FAST.TEXT=truncate" in calls[1]  # ... does not stop the next
     assert "== cuda_tests: exit 3" in proc.stdout and "== truncate: exit 0" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["cuda_tests.txt", "truncate.txt"]
+    env["PARTS"] = "full grpahs"  # a misspelled part: refused before anything runs
+    bad = subprocess.run(
+        ["bash", os.path.join(REPO, "benchmarks", "gpu_checks.sh"), str(tmp_path / "out2")],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "unknown part 'grpahs' in PARTS" in bad.stderr
+    assert len(log.read_text().splitlines()) == 2 and not (tmp_path / "out2").exists()

@@ -85,7 +85,7 @@ class _CountOps(TorchDispatchMode):
 def test_the_gpu_choice_for_few_classes_runs_fewer_operations_than_the_original(clip_deep):
     """What the GPU default rests on: truncation runs fewer operations than the original
     (its blocks attend causally without nn.MultiheadAttention's layout copies and mask; about
-    40% fewer per layer), the shared prefix far more of them (though far fewer FLOPs)."""
+    a third fewer), the shared prefix far more of them (though far fewer FLOPs)."""
     counts = {}
     for mode in ("plain", "truncate", "shared_prefix"):
         torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_the_gpu_choice_for_few_classes_runs_fewer_operations_than_the_original(
         with _CountOps() as ops:
             model.text_features().sum().backward()
         counts[mode] = ops.n
-    assert counts["truncate"] < counts["plain"] * 0.85  # three layers; 0.62 at twelve
+    assert counts["truncate"] < counts["plain"] * 0.85  # three layers; 0.64 at twelve
     assert counts["shared_prefix"] > counts["plain"] * 1.2
     auto = CustomCLIP(_cfg(), NAMES, clip_deep)
     assert auto.text_modes == {"cpu": "shared_prefix", "cuda": "truncate"}
@@ -215,10 +215,11 @@ def test_truncated_path_runs_class_chunks_like_the_whole(clip_deep, monkeypatch,
         runs[chunk] = (feats.detach(), model.prompt_learner.ctx.grad.clone())
         if chunk == 0:
             assert calls == []
+        else:
+            assert len(calls) == 3  # 5 classes in chunks of 2
             with torch.no_grad():  # evaluation needs no chunks: nothing is kept for a backward
                 model.text_features()
-            assert calls == []
-    assert len(calls) == 3  # 5 classes in chunks of 2
+            assert len(calls) == 3
     (f0, g0), (f2, g2) = runs[0], runs[2]
     assert torch.allclose(f2, f0, rtol=1e-5, atol=1e-6)
     assert torch.allclose(g2, g0, rtol=1e-4, atol=1e-5 * g0.abs().max())
@@ -687,6 +688,9 @@ def test_a_text_side_that_cannot_be_graphed_runs_eagerly_after_one_warning(
 def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
     monkeypatch, caplog
 ):
+    from contextlib import nullcontext
+
+    import coop.cuda_graphs as cuda_graphs
     from coop.cuda_graphs import GraphedImageEncoder
 
     attempts = []
@@ -697,6 +701,7 @@ def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
 
     monkeypatch.setattr(GraphedImageEncoder, "_recordable", staticmethod(lambda x: True))
     monkeypatch.setattr(GraphedImageEncoder, "_record", failing_record)
+    monkeypatch.setattr(cuda_graphs, "_stream_kept_on_failure", lambda device: nullcontext())
     enc = GraphedImageEncoder(lambda x: x * 3)
     with caplog.at_level("WARNING"):
         outs = [enc(torch.ones(2, 3)), enc(torch.ones(2, 3)), enc(torch.ones(4, 3))]
@@ -704,6 +709,24 @@ def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
     assert all(torch.equal(o, torch.full_like(o, 3.0)) for o in outs)
     assert sum("recording the image encoder as a CUDA graph failed" in r.getMessage()
                for r in caplog.records) == 1  # fmt: skip
+
+
+def test_a_failed_recording_leaves_the_current_stream_as_it_was(monkeypatch):
+    # torch.cuda.graph switches to its side stream before beginning a capture and switches
+    # back only after a successful end; a refused capture must not leave the run there
+    import coop.cuda_graphs as cuda_graphs
+
+    current = ["default"]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    with pytest.raises(RuntimeError, match="capture refused"):
+        with cuda_graphs._stream_kept_on_failure(torch.device("cuda")):
+            current[0] = "side"  # what entering torch.cuda.graph does
+            raise RuntimeError("capture refused")
+    assert current == ["default"]
+    with cuda_graphs._stream_kept_on_failure(torch.device("cuda")):
+        current[0] = "other"  # a successful recording manages its streams itself
+    assert current == ["other"]
 
 
 def test_evaluation_runs_under_inference_mode_and_training_goes_on_after_it(
