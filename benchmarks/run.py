@@ -902,6 +902,7 @@ def case_memory(plan: Plan) -> Dict[str, Any]:
         if res["fast"].get("oom"):
             raise RuntimeError(f"the fast path does not fit in memory: {res['fast']['error']}")
         metric = "peak" if plan.cuda else "extra"
+        fast_mode = f"fast text mode {res['fast'].get('text_mode', '?')}"
         if res["plain"].get("oom"):
             # the plain step needs more than the cap: the ratio is at most fast / cap
             limit, f = res["plain"]["limit"], res["fast"][metric]
@@ -918,8 +919,7 @@ def case_memory(plan: Plan) -> Dict[str, Any]:
                     note="the plain step did not fit: it failed to allocate above the cap of "
                     f"{_fmt_amount(limit, 'B')} (4/5 of the available memory), so the 'plain' "
                     "column is a lower bound and the ratio an upper bound; fast = peak RSS "
-                    "during one step minus RSS before it, weights not included; fast text "
-                    f"mode {res['fast'].get('text_mode', '?')}",
+                    f"during one step minus RSS before it, weights not included; {fast_mode}",
                 )
             )
             continue
@@ -953,8 +953,7 @@ def case_memory(plan: Plan) -> Dict[str, Any]:
                 ("<=", 0.5),
                 unit="B",
                 value_fmt="{:.3f}",
-                note=f"ratio = fast/plain; {what}; fast text mode "
-                f"{res['fast'].get('text_mode', '?')}",
+                note=f"ratio = fast/plain; {what}; {fast_mode}",
             )
         )
     return {"rows": rows, "memory": info}

@@ -28,6 +28,17 @@ logger = logging.getLogger(__name__)
 MAX_IMAGE_SHAPES = 4
 
 
+def warn_not_recorded(what: str, error: BaseException) -> None:
+    """The one warning of a part of the step that could not be recorded as a CUDA graph and
+    is computed eagerly from then on."""
+    text = str(error).strip()
+    logger.warning(
+        f"FAST.CUDA_GRAPHS: recording {what} as a CUDA graph failed "
+        f"({text.splitlines()[0] if text else type(error).__name__}); it runs eagerly from "
+        "now on (the same numbers, without the speed-up)"
+    )
+
+
 @contextlib.contextmanager
 def _stream_kept_on_failure(device: torch.device) -> Iterator[None]:
     """Restore the current CUDA stream if recording fails: ``torch.cuda.graph`` enters its
@@ -118,11 +129,7 @@ class GraphedImageEncoder:
                 with _stream_kept_on_failure(x.device):
                     entry = self._record(x)
             except RuntimeError as e:  # the platform cannot record it: eager from now on
-                text = str(e).strip()
-                logger.warning(
-                    "FAST.CUDA_GRAPHS: recording the image encoder as a CUDA graph failed "
-                    f"({text.splitlines()[0] if text else type(e).__name__}); it runs eagerly"
-                )
+                warn_not_recorded("the image encoder", e)
                 self.max_shapes = 0
                 with torch.no_grad():
                     return self.fn(x)

@@ -28,7 +28,7 @@ from coop.clip_adapter import (
     use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
-from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide
+from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide, warn_not_recorded
 from coop.feature_cache import default_cache_dir
 from coop.io import CheckpointError
 from coop.optim import build_lr_scheduler, build_optimizer
@@ -182,22 +182,28 @@ class PromptLearner(nn.Module):
         )
 
 
-def text_mode(cfg, prompt_learner: PromptLearner, device: str = "cpu") -> str:
+def text_mode(
+    cfg, prompt_learner: PromptLearner, device: str = "cpu", graphs: Optional[bool] = None
+) -> str:
     """Which text-encoder path to use on ``device`` ("cpu", or a GPU: "cuda"): "plain",
-    "truncate" or "shared_prefix".
+    "truncate" or "shared_prefix". ``graphs``: whether the step replays its text side from
+    CUDA graphs (default: as ``cfg`` asks, :func:`graphs_replay_text`).
 
     The shared prefix computes the fewest FLOPs but launches about 45% more operations than
     the original text tower. On a GPU a step with a few hundred classes is bound by the cost
     of launching operations, not by FLOPs (benchmarks/README.md, "Full run on a GPU"), so
-    there ``auto`` truncates at the last end-of-text token (about a third fewer operations than
-    the original, over fewer tokens; :func:`coop.clip_adapter.encode_causal`) below ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES`` classes, unless the step
-    replays the text side from CUDA graphs (``FAST.CUDA_GRAPHS``), where that cost is gone."""
+    there ``auto`` truncates at the last end-of-text token (about a third fewer operations
+    than the original, over fewer tokens; :func:`coop.clip_adapter.encode_causal`) below
+    ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES`` classes, unless the step replays the text side
+    from CUDA graphs (``FAST.CUDA_GRAPHS``), where that cost is gone."""
+    if graphs is None:
+        graphs = graphs_replay_text(cfg)
     if not cfg.FAST.ENABLED or cfg.FAST.TEXT == "plain":
         return "plain"
     shared = prompt_learner.ctx.dim() == 2 and prompt_learner.class_token_position == "end"
     if not shared or cfg.FAST.TEXT == "truncate":
         return "truncate"
-    if cfg.FAST.TEXT == "auto" and device != "cpu" and not graphs_replay_text(cfg):
+    if cfg.FAST.TEXT == "auto" and device != "cpu" and not graphs:
         if prompt_learner.n_cls < cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES:
             return "truncate"
     return "shared_prefix"
@@ -226,13 +232,13 @@ class CustomCLIP(nn.Module):
         # the text path on a CPU and on a GPU; the one of the context's device is used
         self.text_modes = {d: text_mode(cfg, self.prompt_learner, d) for d in ("cpu", "cuda")}
         # the GPU's choice should the graphs fail to record (see text_features)
-        eager = cfg.clone()
-        eager.defrost()
-        eager.FAST.CUDA_GRAPHS = False
-        self._eager_gpu_text_mode = text_mode(eager, self.prompt_learner, "cuda")
-        chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
+        self._eager_gpu_text_mode = text_mode(cfg, self.prompt_learner, "cuda", graphs=False)
+        # both fast text paths run more classes than this in checkpointed chunks
+        self.class_chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
         self.text_encoder = TextEncoder(clip_model)
-        self.shared_prefix_encoder = SharedPrefixTextEncoder(clip_model, class_chunk=chunk)
+        self.shared_prefix_encoder = SharedPrefixTextEncoder(
+            clip_model, class_chunk=self.class_chunk
+        )
         # opt-in: the text side and the image encoder replayed as CUDA graphs (fp16 / fp32)
         self.cuda_graphs = graphs_replay_text(cfg)
         self._graphed_text: Optional[GraphedTextSide] = None
@@ -276,11 +282,7 @@ class CustomCLIP(nn.Module):
         """``FAST.CUDA_GRAPHS`` could not record the text side: from now on it is computed
         eagerly (the same numbers; only the speed differs), on the text path the GPU takes
         without graphs. The image encoder's graphs are kept (they fall back on their own)."""
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        logger.warning(
-            f"FAST.CUDA_GRAPHS: recording the text side as a CUDA graph failed ({first}); "
-            "it runs eagerly from now on (the same numbers, without the speed-up)"
-        )
+        warn_not_recorded("the text side", error)
         self._record_text = False
         self._graphed_text = None
         self.text_modes["cuda"] = self._eager_gpu_text_mode
@@ -296,7 +298,7 @@ class CustomCLIP(nn.Module):
             and ctx.requires_grad
             and torch.is_grad_enabled()
             and not torch.is_autocast_enabled()
-            and not (0 < self.shared_prefix_encoder.class_chunk < self.prompt_learner.n_cls)
+            and not (0 < self.class_chunk < self.prompt_learner.n_cls)
         )
 
     def _text_features_of(self, ctx: torch.Tensor) -> torch.Tensor:
@@ -326,7 +328,7 @@ class CustomCLIP(nn.Module):
         checkpointing, as the shared prefix runs them (each class's features depend only on
         its own prompt)."""
         encode = self.text_encoder.forward_truncated
-        n, chunk = prompts.shape[0], self.shared_prefix_encoder.class_chunk
+        n, chunk = prompts.shape[0], self.class_chunk
         if not (chunk and torch.is_grad_enabled() and n > chunk):
             return encode(prompts, tokenized, length=self.text_length)
         from torch.utils.checkpoint import checkpoint
