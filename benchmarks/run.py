@@ -1015,13 +1015,13 @@ def run_main(argv: List[str]) -> Dict[str, float]:
 
         setattr(trainer, method, timed)
 
-    def timed_build(cfg):
+    def timed_build(cfg, *args):
         t0 = time.perf_counter()
-        trainer = orig(cfg)
+        trainer = orig(cfg, *args)
         times["build"] += time.perf_counter() - t0
         timer(trainer, "test", "test")
         timer(trainer, "run_epoch", "epochs")  # includes the training cache's build ...
-        timer(trainer, "_build_train_cache", "cache")  # ... which is this
+        timer(trainer, "build_train_cache", "cache")  # ... which is this
         timer(trainer, "_compute_train_views", "views")  # of which this computes new views
         return trainer
 

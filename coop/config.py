@@ -210,14 +210,9 @@ def _coop_dassl_additions(cfg: CN) -> None:
 
 
 def extend_cfg(cfg: CN) -> None:
-    """The keys CoOp's ``train.py`` adds before any merge, plus each trainer's node."""
-    cfg.TRAINER.COOP = CN()
-    cfg.TRAINER.COOP.N_CTX = 16
-    cfg.TRAINER.COOP.CSC = False
-    cfg.TRAINER.COOP.CTX_INIT = ""
-    cfg.TRAINER.COOP.PREC = "fp16"
-    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"
-
+    """The keys CoOp's ``train.py`` adds before any merge (each trainer's node comes from
+    its ``add_config``; CoCoOp's, which its shipped YAML files set, is added here until that
+    trainer exists)."""
     cfg.TRAINER.COCOOP = CN()
     cfg.TRAINER.COCOOP.N_CTX = 16
     cfg.TRAINER.COCOOP.CTX_INIT = ""

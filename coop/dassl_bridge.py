@@ -1,23 +1,32 @@
-"""Use the trainers and datasets from a real Dassl installation.
+"""The plugin: this package's trainers and datasets inside a real Dassl.
 
-    from coop.dassl_bridge import register_into_dassl, extend_dassl_cfg
-    register_into_dassl()          # our trainers and datasets in Dassl's registries
-    cfg = get_cfg_default()        # Dassl's
-    extend_dassl_cfg(cfg)          # + the keys our trainers and datasets read
+In a Dassl ``train.py`` (where the official CoOp code has ``import trainers.coop``)::
 
-After that, Dassl's own ``tools/train.py``-style scripts build ``CoOp``, ``ZeroshotCLIP``,
-``Caltech101``, ... by name. Our dataset classes produce ``Datum``-compatible items (same
-attribute names), so Dassl's data manager reads them as its own.
+    import coop.dassl_plugin      # or: from coop.dassl_bridge import register_into_dassl
+                                  #     register_into_dassl()
+
+Registration puts every trainer into Dassl's ``TRAINER_REGISTRY`` as a subclass of
+``dassl.engine.TrainerX`` (the method on :class:`DasslHost`, see :mod:`coop.hosts`) and every
+dataset into Dassl's ``DATASET_REGISTRY`` as a subclass of Dassl's ``DatasetBase``, so
+``dassl.engine.build_trainer`` builds them by name and Dassl's own data manager, transforms,
+samplers, evaluator, optimizer and scheduler builders and checkpoint functions run. It also
+adds this package's config keys to Dassl's defaults (a config made afterwards by Dassl's
+``get_cfg_default`` has them; ``extend_dassl_cfg(cfg)`` adds them to one made before), sends
+this package's log lines to Dassl's log file, and applies the fixes Dassl needs on the
+installed torch (each logged once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import logging
-from typing import Any, List
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 from coop.config import CN, get_cfg_default
-from coop.registry import DATASET_REGISTRY, TRAINER_REGISTRY
+from coop.registry import DATASET_REGISTRY, TRAINER_REGISTRY, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -26,33 +35,159 @@ class DasslNotInstalledError(ImportError):
     pass
 
 
-def _dassl_registries() -> tuple[Any, Any]:
+def import_dassl() -> Any:
+    """The ``dassl`` package with the modules the plugin uses imported, or one clear error."""
     try:
-        engine = importlib.import_module("dassl.engine")
-        datasets = importlib.import_module("dassl.data.datasets")
+        for name in ("dassl.engine", "dassl.data.datasets", "dassl.optim", "dassl.utils"):
+            importlib.import_module(name)
+        return importlib.import_module("dassl")
     except ImportError as e:
         raise DasslNotInstalledError(
-            "Dassl is not installed (import dassl failed); coop runs on its own engine "
-            "without it: use coop-train"
+            f"Dassl is not installed (import dassl failed: {e}); coop runs on its own engine "
+            "without it (coop-train's default --engine bundled)"
         ) from e
-    return engine.TRAINER_REGISTRY, datasets.DATASET_REGISTRY
 
 
-def register_into_dassl() -> List[str]:
-    """Register every trainer and dataset of this package into Dassl's registries (names
-    Dassl already has are left alone). Returns the names registered."""
-    dassl_trainers, dassl_datasets = _dassl_registries()
+# ---------------------------------------------------------------------- the Dassl host
+class DasslHost:
+    """What the trainer base needs of a real Dassl beyond its public ``TrainerX``: Dassl's
+    optimizer and scheduler builders, evaluation inside the method's evaluation context, and
+    ``load_model`` through the safe reader with the method's state-dict preparation (as the
+    official CoOp trainer overrides it: Dassl's own formats ``val_result``, which is None in
+    every checkpoint but the best one)."""
+
+    host_name = "dassl"
+
+    def build_data_loader(self) -> None:
+        for text in _FIXES.values():  # the log is set up by now
+            logger.info(f"Dassl compatibility: {text}")
+        super().build_data_loader()  # type: ignore[misc]
+
+    @staticmethod
+    def build_optimizer(module: Any, optim_cfg: Any) -> Any:
+        from dassl.optim import build_optimizer
+
+        return build_optimizer(module, optim_cfg)
+
+    @staticmethod
+    def build_lr_scheduler(optimizer: Any, optim_cfg: Any) -> Any:
+        from dassl.optim import build_lr_scheduler
+
+        return build_lr_scheduler(optimizer, optim_cfg)
+
+    def test(self, split: Optional[str] = None) -> Any:
+        with self.evaluation_context():
+            return super().test(split)  # type: ignore[misc]
+
+    def prepare_loaded_state_dict(self, name: str, state_dict: Dict, path: str) -> Dict:
+        return state_dict
+
+    def load_model(self, directory: str, epoch: Optional[int] = None) -> None:
+        import os.path as osp
+
+        from dassl.utils import load_checkpoint
+
+        if not directory:
+            print(
+                "Note that load_model() is skipped as no pretrained model is given "
+                "(ignore this if it's done on purpose)"
+            )
+            return
+        model_file = "model-best.pth.tar" if epoch is None else f"model.pth.tar-{epoch}"
+        for name in self.get_model_names():  # type: ignore[attr-defined]
+            model_path = osp.join(directory, name, model_file)
+            if not osp.exists(model_path):
+                raise FileNotFoundError(f'No model at "{model_path}"')
+            checkpoint = load_checkpoint(model_path)
+            state_dict = self.prepare_loaded_state_dict(name, checkpoint["state_dict"], model_path)
+            print(
+                f'Loading weights to {name} from "{model_path}" (epoch = {checkpoint.get("epoch")})'
+            )
+            self._models[name].load_state_dict(state_dict, strict=False)  # type: ignore
+
+
+def dassl_host() -> Tuple[type, type]:
+    """The host ``(DasslHost, dassl.engine.TrainerX)`` for :func:`coop.hosts.on_host`."""
+    import_dassl()
+    from dassl.engine import TrainerX
+
+    return DasslHost, TrainerX
+
+
+def dassl_dataset(cls: type) -> type:
+    """Our dataset class as a subclass of Dassl's ``DatasetBase`` (same name and module; our
+    base's split, few-shot and subsampling code runs, which Dassl's data manager reads
+    through the attributes of Dassl's)."""
+    from dassl.data.datasets import DatasetBase
+
+    if issubclass(cls, DatasetBase):
+        return cls
+    if cls not in _DATASETS:
+        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _DATASETS[cls] = type(cls.__name__, (cls, DatasetBase), attrs)
+    return _DATASETS[cls]
+
+
+_DATASETS: Dict[type, type] = {}
+
+
+# ---------------------------------------------------------------------- registration
+def _describe(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+
+
+def _ours(obj: Any) -> bool:
+    from coop.hosts import _CLASSES
+
+    return obj in _CLASSES.values() or obj in _DATASETS.values()
+
+
+def register_into_dassl(replace: bool = False) -> List[str]:
+    """Register every trainer and dataset of this package into Dassl's registries, add the
+    config keys to Dassl's defaults, attach the log and apply the torch fixes. Idempotent;
+    returns the names registered by this call.
+
+    A name Dassl already has from elsewhere (e.g. the official CoOp repository's ``CoOp``
+    or ``Caltech101``) is a :class:`~coop.registry.RegistryError` naming both classes,
+    unless ``replace=True``, which puts ours in its place (logged)."""
+    import_dassl()
+    from dassl.data.datasets import DATASET_REGISTRY as DASSL_DATASETS
+    from dassl.engine import TRAINER_REGISTRY as DASSL_TRAINERS
+
+    from coop.hosts import on_host
+
+    host = dassl_host()
+    wanted = [
+        *((DASSL_TRAINERS, on_host(cls, host)) for _, cls in TRAINER_REGISTRY.items()),
+        *((DASSL_DATASETS, dassl_dataset(cls)) for _, cls in DATASET_REGISTRY.items()),
+    ]
+    clashes = []
+    for registry, cls in wanted:
+        existing = registry._obj_map.get(cls.__name__)
+        if existing is not None and existing is not cls and not _ours(existing):
+            clashes.append((cls, existing))
+    if clashes and not replace:
+        listed = "; ".join(
+            f"{_describe(theirs)} (ours: {_describe(ours)})" for ours, theirs in clashes
+        )
+        raise RegistryError(
+            f"Dassl already has {len(clashes)} name(s) that coop registers: {listed}. Drop "
+            "the other registration (e.g. the official repository's `import trainers.coop` "
+            "and `import datasets.*`), or replace them with "
+            "coop.dassl_bridge.register_into_dassl(replace=True)"
+        )
     added = []
-    for ours, theirs in ((TRAINER_REGISTRY, dassl_trainers), (DATASET_REGISTRY, dassl_datasets)):
-        for name, cls in ours.items():
-            try:
-                theirs.get(name)
-                logger.info(f"Dassl already has {name}; keeping Dassl's")
-                continue
-            except KeyError:
-                pass
-            theirs.register(cls)
-            added.append(name)
+    for registry, cls in wanted:
+        existing = registry._obj_map.get(cls.__name__)
+        if existing is cls:
+            continue
+        if existing is not None and not _ours(existing):
+            logger.warning(f"Replacing Dassl's {_describe(existing)} with {_describe(cls)}")
+        registry.register(cls, force=True)
+        added.append(cls.__name__)
+    extend_dassl_cfg(importlib.import_module("dassl.config").cfg_default)
+    attach_logging()
+    apply_torch_fixes()
     return added
 
 
@@ -69,3 +204,137 @@ def extend_dassl_cfg(cfg: CN) -> CN:
 
     merge(cfg, get_cfg_default())
     return cfg
+
+
+# ---------------------------------------------------------------------- logging
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (Dassl's ``setup_logger`` replaces
+    it with its tee into ``log.txt`` after the plugin is registered)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def attach_logging() -> None:
+    """This package's log lines and warnings go where Dassl's prints go (stdout, which
+    Dassl's ``setup_logger`` copies into ``log.txt``), and the ``logging.disable(WARNING)``
+    that importing ``dassl.data`` runs (its WILDS module) is undone for the process: it
+    silenced every warning of every library."""
+    if logging.root.manager.disable >= logging.WARNING:
+        logging.disable(logging.NOTSET)
+        logger.info("Undid the logging.disable(WARNING) that importing dassl.data runs")
+    log = logging.getLogger("coop")
+    if not any(isinstance(h, _CurrentStdout) for h in log.handlers):
+        handler = _CurrentStdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------- torch fixes
+_FIXES: Dict[str, str] = {}  # name -> what it does, for the fixes in effect
+
+
+def apply_torch_fixes() -> List[str]:
+    """Make Dassl run on the installed torch (each fix applied once per process; every
+    trainer logs the fixes in effect when it starts, so each run's log records them);
+    returns their names."""
+    _fix_scheduler_verbose()
+    _route_checkpoint_loading()
+    return list(_FIXES)
+
+
+def _fix_scheduler_verbose() -> bool:
+    """Dassl's warm-up schedulers pass ``verbose`` to torch's ``_LRScheduler``, whose
+    ``__init__`` no longer takes it: they are given an ``__init__`` that leaves it out."""
+    from dassl.optim import lr_scheduler as dls
+    from torch.optim.lr_scheduler import _LRScheduler
+
+    base = dls._BaseWarmupScheduler
+    if getattr(base.__init__, "_coop_fixed", False):
+        return False
+    if "verbose" in inspect.signature(_LRScheduler.__init__).parameters:
+        return False  # an older torch still takes it
+
+    def __init__(self, optimizer, successor, warmup_epoch, last_epoch=-1, verbose=False):
+        self.successor = successor
+        self.warmup_epoch = warmup_epoch
+        _LRScheduler.__init__(self, optimizer, last_epoch)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # the safe reader gives the pickled successor back as None (or its plain state):
+        # keep the live one and restore its state where the file holds it
+        state = dict(state_dict)
+        successor = state.pop("successor", None)
+        _LRScheduler.load_state_dict(self, state)
+        if isinstance(successor, dict):
+            successor.pop("optimizer", None)
+            self.successor.load_state_dict(successor)
+
+    __init__._coop_fixed = True  # type: ignore[attr-defined]
+    base.__init__ = __init__
+    base.load_state_dict = load_state_dict
+    _FIXES["scheduler-verbose"] = (
+        "its warm-up LR schedulers do not pass `verbose`, which this torch's _LRScheduler "
+        "no longer takes, and keep their successor scheduler on resume"
+    )
+    return True
+
+
+def _route_checkpoint_loading() -> bool:
+    """Dassl's ``load_checkpoint`` unpickles whatever the file holds (and fails on this
+    torch, whose ``torch.load`` is ``weights_only`` by default): it is routed through the
+    restricted reader, which builds tensors and plain containers only."""
+    import dassl.utils as dassl_utils
+    from dassl.engine import trainer as dassl_trainer
+    from dassl.utils import torchtools
+
+    from coop.io import read_checkpoint
+
+    if getattr(torchtools.load_checkpoint, "_coop_safe", False):
+        return False
+
+    def load_checkpoint(fpath: str) -> Any:
+        if fpath is None:
+            raise ValueError("File path is None")
+        return read_checkpoint(fpath)
+
+    load_checkpoint._coop_safe = True  # type: ignore[attr-defined]
+    load_checkpoint.__doc__ = torchtools.load_checkpoint.__doc__
+    for module in (torchtools, dassl_utils, dassl_trainer):
+        module.load_checkpoint = load_checkpoint
+    _FIXES["safe-load-checkpoint"] = (
+        "load_checkpoint reads through coop's restricted reader (tensors and plain "
+        "containers only, no arbitrary unpickling; this torch's default weights_only load "
+        "refuses Dassl's own checkpoints)"
+    )
+    return True
+
+
+@contextlib.contextmanager
+def dassl_log(output_dir: str) -> Any:
+    """Dassl's ``setup_logger(output_dir)`` for the ``with`` block, stdout restored after."""
+    from dassl.utils import setup_logger
+
+    stdout = sys.stdout
+    setup_logger(output_dir)
+    try:
+        yield
+    finally:
+        tee = sys.stdout
+        sys.stdout = stdout
+        if tee is not stdout and hasattr(tee, "console"):
+            # Dassl's tee closes its console (the real stdout) when it is collected
+            import io
+
+            tee.console = io.StringIO()
+            tee.close()

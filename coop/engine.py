@@ -30,7 +30,7 @@ import os.path as osp
 import random
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -53,22 +53,6 @@ logger = logging.getLogger(__name__)
 FINISHED_MARKER = "finished"
 RESUME_FILE = "resume.pth.tar"
 _MAX_LISTED_SKIPS = 3
-
-# Checks run by SimpleTrainer.__init__ after the data is built and before the model (e.g.
-# the CLIP load): callables taking the trainer. See ``checks_before_build_model``.
-_PRE_MODEL_CHECKS: List[Callable[[Any], None]] = []
-
-
-@contextlib.contextmanager
-def checks_before_build_model(*checks: Callable[[Any], None]) -> Iterator[None]:
-    """Run ``checks(trainer)`` inside every ``SimpleTrainer.__init__`` of the ``with`` block,
-    after ``build_data_loader`` (the classes are known) and before ``build_model``."""
-    _PRE_MODEL_CHECKS.extend(checks)
-    try:
-        yield
-    finally:
-        for check in checks:
-            _PRE_MODEL_CHECKS.remove(check)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -340,7 +324,7 @@ class TrainerBase:
 
     def precision_key(self) -> Any:
         """``(config key, value)`` of the precision setting: the trainer's own node's PREC
-        (``TRAINER.<NAME>.PREC``) when it has one, else TRAINER.COOP.PREC."""
+        (``TRAINER.<NAME>.PREC``) when it has one."""
         cfg = self.__dict__.get("cfg")
         if cfg is None:
             return "precision", "unknown"
@@ -348,8 +332,7 @@ class TrainerBase:
         node = cfg.TRAINER.get(node_name)
         if node is not None and hasattr(node, "get") and "PREC" in node:
             return f"TRAINER.{node_name}.PREC", node.PREC
-        coop = cfg.TRAINER.get("COOP")
-        return "TRAINER.COOP.PREC", coop.PREC if coop is not None else "unknown"
+        return "precision", "unknown"
 
     def non_finite_loss_message(self, loss: Any) -> str:
         value = float(torch.as_tensor(loss).detach().float().reshape(-1)[0])
@@ -469,8 +452,6 @@ class SimpleTrainer(TrainerBase):
         self.output_dir = cfg.OUTPUT_DIR
         self.cfg = cfg
         self.build_data_loader()
-        for check in list(_PRE_MODEL_CHECKS):
-            check(self)
         self.build_model()
         self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
         self.best_result = -np.inf
@@ -607,7 +588,6 @@ class SimpleTrainer(TrainerBase):
     def evaluation_context(self):
         """Hook: a context manager active during an evaluation pass (e.g. to compute the
         class text features once instead of once per batch)."""
-        import contextlib
 
         return contextlib.nullcontext()
 

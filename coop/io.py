@@ -347,14 +347,9 @@ def read_legacy_checkpoint(path: str) -> Any:
     return _strip_inert(obj)
 
 
-def load_checkpoint(path: str) -> Any:
-    """Load a checkpoint safely.
-
-    Our own checkpoints hold only tensors and plain values and load with
-    ``weights_only=True``. Legacy Dassl checkpoints, which also pickle optimizer and
-    scheduler objects, are read by :func:`read_legacy_checkpoint`, which builds tensors and
-    containers only. No code path unpickles arbitrary objects.
-    """
+def read_checkpoint(path: str) -> Any:
+    """Read any checkpoint file safely: ``torch.load(weights_only=True)``, else the
+    restricted reader (:func:`read_legacy_checkpoint`)."""
     import os
 
     import torch
@@ -364,9 +359,20 @@ def load_checkpoint(path: str) -> Any:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": we fall back
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - fall back to the restricted reader
-        ckpt = read_legacy_checkpoint(path)
+        return read_legacy_checkpoint(path)
+
+
+def load_checkpoint(path: str) -> Any:
+    """Load a checkpoint safely.
+
+    Our own checkpoints hold only tensors and plain values and load with
+    ``weights_only=True``. Legacy Dassl checkpoints, which also pickle optimizer and
+    scheduler objects, are read by :func:`read_legacy_checkpoint`, which builds tensors and
+    containers only. No code path unpickles arbitrary objects.
+    """
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(
             f"{path} is not a model checkpoint: expected a dict with a 'state_dict' entry"

@@ -88,12 +88,19 @@ def register_builtins() -> None:
         importlib.import_module(mod)
 
 
-def build_trainer(cfg: Any) -> Any:
-    """Build the trainer named ``cfg.TRAINER.NAME`` (Dassl's ``build_trainer``)."""
+def build_trainer(cfg: Any, checkpoints: Any = ()) -> Any:
+    """Build the trainer named ``cfg.TRAINER.NAME`` on the bundled engine (Dassl's
+    ``build_trainer``); ``checkpoints``: files it will load, checked against the model
+    before the model is built (for trainers that can check them)."""
     import logging
 
+    from coop.hosts import on_host
+
     logging.getLogger(__name__).info("Loading trainer: %s", cfg.TRAINER.NAME)
-    return TRAINER_REGISTRY.get(cfg.TRAINER.NAME)(cfg)
+    cls = on_host(TRAINER_REGISTRY.get(cfg.TRAINER.NAME))
+    if checkpoints and hasattr(cls, "for_checkpoints"):
+        return cls.for_checkpoints(cfg, checkpoints)
+    return cls(cfg)
 
 
 def build_dataset(cfg: Any) -> Any:

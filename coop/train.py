@@ -29,7 +29,7 @@ from typing import Any, List, Optional
 import torch
 
 from coop.config import get_cfg_default, merge_from_file, merge_from_list
-from coop.utils import collect_env_info, set_random_seed, setup_logger
+from coop.utils import close_logger, collect_env_info, set_random_seed, setup_logger
 
 logger = logging.getLogger("coop.train")
 
@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
     p.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
     p.add_argument(
+        "--engine",
+        choices=("bundled", "dassl"),
+        default="bundled",
+        help="the engine that runs the trainer: this package's own (default) or an installed "
+        "Dassl's (its data manager, transforms, samplers, evaluator, optimizer, scheduler and "
+        "checkpoints)",
+    )
+    p.add_argument(
         "opts",
         default=None,
         nargs=argparse.REMAINDER,
@@ -99,9 +107,10 @@ def reset_cfg(cfg, args: argparse.Namespace) -> None:
         cfg.MODEL.HEAD.NAME = args.head
 
 
-def setup_cfg(args: argparse.Namespace):
-    """defaults -> dataset YAML -> method YAML -> CLI arguments -> opts -> freeze."""
-    cfg = get_cfg_default()
+def setup_cfg(args: argparse.Namespace, base: Any = None):
+    """defaults (``base``, else this package's) -> dataset YAML -> method YAML -> CLI
+    arguments -> opts -> freeze."""
+    cfg = get_cfg_default() if base is None else base
     if args.dataset_config_file:
         merge_from_file(cfg, args.dataset_config_file, kind="dataset config")
     if args.config_file:
@@ -110,7 +119,7 @@ def setup_cfg(args: argparse.Namespace):
     merge_from_list(cfg, args.opts or [])
     from coop.validation import validate_cfg
 
-    validate_cfg(cfg)
+    validate_cfg(cfg, dassl=getattr(args, "engine", "bundled") == "dassl")
     cfg.freeze()
     return cfg
 
@@ -168,46 +177,12 @@ def check_model_dir(model_dir: str, load_epoch: Optional[int]) -> List[str]:
     )
 
 
-def check_context_shape(trainer: Any, paths: List[str]) -> None:
-    """Peek at the checkpoints' learned context before the model is built (before CLIP is
-    loaded): its shape must fit the class count, the number of context tokens, CSC and (for
-    a named backbone) the text width. Trainers without a context node are not checked."""
-    import torch
-
-    from coop.io import CheckpointError, load_checkpoint
-    from coop.validation import BACKBONE_CTX_DIM
-
-    cfg = trainer.cfg
-    node_name = str(cfg.TRAINER.NAME).upper()
-    node = cfg.TRAINER.get(node_name)
-    if node is None or "N_CTX" not in node or "CTX_INIT" not in node:
-        return
-    ctx_init = str(node.CTX_INIT).replace("_", " ")
-    n_ctx = len(ctx_init.split(" ")) if ctx_init else int(node.N_CTX)
-    csc = bool(node.get("CSC", False))
-    n_cls = int(trainer.num_classes)
-    backbone = cfg.MODEL.BACKBONE.NAME
-    for path in paths:
-        ctx = load_checkpoint(path)["state_dict"].get("ctx")
-        if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
-            continue
-        dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
-        expected = (n_cls, n_ctx, dim) if csc else (n_ctx, dim)
-        got = tuple(ctx.shape)
-        if got == expected or (csc and got == expected[1:]):  # a generic context fits CSC
-            continue
-        raise CheckpointError(
-            f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
-            f"but {expected} here ({n_cls} classes, N_CTX {n_ctx}, CSC {csc}, backbone "
-            f"{backbone})"
-        )
-
-
 def run(args: argparse.Namespace):
     """Build the trainer from ``args`` and run it; returns the trainer."""
-    from coop.engine import checks_before_build_model
     from coop.registry import build_trainer
 
+    if getattr(args, "engine", "bundled") == "dassl":
+        return run_on_dassl(args)
     cfg = setup_cfg(args)
     if cfg.SEED >= 0:
         print(f"Setting fixed seed: {cfg.SEED}")
@@ -230,18 +205,59 @@ def run(args: argparse.Namespace):
     logger.info("Collecting env info ...")
     logger.info(f"** System info **\n{collect_env_info()}\n")
 
-    checks = []
+    checkpoints = []
     if args.eval_only and args.model_dir:
-        paths = check_model_dir(args.model_dir, args.load_epoch)
-        checks.append(lambda trainer: check_context_shape(trainer, paths))
-    with checks_before_build_model(*checks):
-        trainer = build_trainer(cfg)
+        checkpoints = check_model_dir(args.model_dir, args.load_epoch)
+    trainer = build_trainer(cfg, checkpoints)
     if args.eval_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
         trainer.test()
         return trainer
     if not args.no_train:
         trainer.train()
+    return trainer
+
+
+def run_on_dassl(args: argparse.Namespace):
+    """``run`` on an installed Dassl's engine, as Dassl's ``tools/train.py`` runs a trainer:
+    Dassl's config defaults (with this package's keys), its ``setup_logger`` (a tee of
+    stdout into ``log.txt``) and its ``build_trainer``."""
+    from coop.dassl_bridge import dassl_log, extend_dassl_cfg, import_dassl, register_into_dassl
+
+    import_dassl()
+    from dassl.config import get_cfg_default as dassl_cfg_default
+    from dassl.engine import TRAINER_REGISTRY as DASSL_TRAINERS
+    from dassl.engine import build_trainer
+
+    cfg = setup_cfg(args, base=extend_dassl_cfg(dassl_cfg_default()))
+    if cfg.SEED >= 0:
+        print(f"Setting fixed seed: {cfg.SEED}")
+        set_random_seed(cfg.SEED)
+    prepare_output_dir(cfg.OUTPUT_DIR)
+    if torch.cuda.is_available() and cfg.USE_CUDA:
+        torch.backends.cudnn.benchmark = True
+    checkpoints = []
+    if args.eval_only and args.model_dir:
+        checkpoints = check_model_dir(args.model_dir, args.load_epoch)
+    close_logger()  # Dassl's log takes this package's lines (coop.dassl_bridge.attach_logging)
+    with dassl_log(cfg.OUTPUT_DIR):
+        print("** Engine: Dassl **")
+        register_into_dassl()  # inside the log: its compatibility fixes are recorded there
+        print("***************\n** Arguments **\n***************")
+        for key in sorted(vars(args)):
+            print(f"{key}: {getattr(args, key)}")
+        print(f"************\n** Config **\n************\n{cfg}")
+        cls = DASSL_TRAINERS.get(cfg.TRAINER.NAME)
+        if checkpoints and hasattr(cls, "for_checkpoints"):
+            trainer = cls.for_checkpoints(cfg, checkpoints)
+        else:
+            trainer = build_trainer(cfg)
+        if args.eval_only:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            trainer.test()
+            return trainer
+        if not args.no_train:
+            trainer.train()
     return trainer
 
 

@@ -85,6 +85,9 @@ def setup_logger(output_dir: Optional[str], console: bool = True) -> Optional[st
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    if logging.root.manager.disable:
+        # e.g. importing dassl.data runs logging.disable(WARNING); a run's log is complete
+        logging.disable(logging.NOTSET)
     for h in list(logger.handlers):
         logger.removeHandler(h)
         h.close()

@@ -124,7 +124,10 @@ class _Evil:
 def prev(caltech_root, tiny_vit, tmp_path_factory):
     """Earlier runs: an unfinished training run (stopped after epoch 1 of 3, with
     model.pth.tar-1 and resume.pth.tar) and a finished 1-epoch run (with results.json)."""
-    from coop.trainers.coop import CoOp
+    from coop.hosts import on_host
+    from coop.trainers.coop import CoOp as CoOpMethod
+
+    CoOp = on_host(CoOpMethod)  # the class that runs on the bundled engine
 
     base = tmp_path_factory.mktemp("bad_inputs")
     data0 = str(base / "data0")

@@ -464,7 +464,10 @@ def test_eval_feature_cache_cold_and_warm_give_identical_results(data_root, tiny
 def test_eval_cache_shared_across_seeds_and_keeps_the_random_stream(data_root, tiny_vit, tmp_path):
     """CoOp runs with cold and warm caches: same metrics, and the warm run still consumes the
     loader's seed draw (checked through identical final test results and RNG states)."""
-    from coop.trainers.coop import CoOp
+    from coop.hosts import on_host
+    from coop.trainers.coop import CoOp as CoOpMethod
+
+    CoOp = on_host(CoOpMethod)  # the class that runs on the bundled engine
 
     states = []
     original_test = CoOp.test
@@ -782,7 +785,7 @@ def test_batches_are_copied_to_the_device_without_blocking_on_the_fast_path(fast
     cfg = _cfg(ENABLED=fast)
     trainer = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
     trainer.non_blocking_copies = lambda: CLIPTrainer.non_blocking_copies(trainer)
-    trainer.batch_to_device = lambda batch: CLIPTrainer.batch_to_device(trainer, batch)
+    trainer._to_device = lambda t: CLIPTrainer._to_device(trainer, t)
     batch = {"img": img.as_subclass(Recording), "label": label.as_subclass(Recording)}
     for parse in (CLIPTrainer.parse_batch_train, CLIPTrainer.parse_batch_test):
         x, y = parse(trainer, batch)

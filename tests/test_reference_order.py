@@ -391,8 +391,11 @@ def reference_run(
 def our_run(
     root: str, ckpt: str, case: Case, out_dir: str, monkeypatch, fast: bool = False
 ) -> Dict[str, Any]:
+    from coop.hosts import on_host
     from coop.train import main
-    from coop.trainers.coop import CoOp
+    from coop.trainers.coop import CoOp as CoOpMethod
+
+    CoOp = on_host(CoOpMethod)  # the class that runs on the bundled engine
     from coop.utils import close_logger
 
     rec: Dict[str, Any] = {"impaths": [], "images": [], "lrs": [], "losses": [], "test_logits": []}

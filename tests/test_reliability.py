@@ -42,7 +42,10 @@ def die():
 
 
 if point == "slow":
-    from coop.trainers.coop import CoOp
+    from coop.hosts import on_host
+    from coop.trainers.coop import CoOp as CoOpMethod
+
+    CoOp = on_host(CoOpMethod)  # the class that runs on the bundled engine
 
     orig_fb = CoOp.forward_backward
 
@@ -364,7 +367,10 @@ def test_concurrent_runs_share_one_dataset_root(caltech_root, tiny_vit, runs, tm
 
 
 def test_resume_flag_prefers_the_runs_own_newer_state(runs, tiny_vit, tmp_path, monkeypatch):
-    from coop.trainers.coop import CoOp
+    from coop.hosts import on_host
+    from coop.trainers.coop import CoOp as CoOpMethod
+
+    CoOp = on_host(CoOpMethod)  # the class that runs on the bundled engine
 
     monkeypatch.setenv("COOP_CACHE_DIR", runs["cache"])
     original = CoOp.after_epoch

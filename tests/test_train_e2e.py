@@ -121,7 +121,10 @@ def test_resume_after_interruption_matches_uninterrupted(
     data_root, learnable_clip, tmp_path, monkeypatch
 ):
     """Stop after epoch 2 (checkpoint every epoch), rerun the same command: same end state."""
-    from coop.trainers.coop import CoOp
+    from coop.hosts import on_host
+    from coop.trainers.coop import CoOp as CoOpMethod
+
+    CoOp = on_host(CoOpMethod)  # the class that runs on the bundled engine
 
     full = str(tmp_path / "full")
     extra = ("TRAIN.CHECKPOINT_FREQ", "1")

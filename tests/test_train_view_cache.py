@@ -226,6 +226,7 @@ def test_entry_key_covers_the_training_transform():
     trainer = CLIPTrainer.__new__(CLIPTrainer)
     trainer.cfg = cfg
     trainer.device = torch.device("cpu")
+    trainer.model = torch.nn.Module()  # a plain image encoder
     trainer.dm = type("DM", (), {"tfm_train": None})()
     trainer._weights_hash = lambda root: "w"
     trainer.clip_dtype = lambda: torch.float32

@@ -10,10 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from coop.clip_adapter import (
@@ -28,15 +27,15 @@ from coop.clip_adapter import (
     use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
+from coop.config import CN, ConfigError
 from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide, warn_not_recorded
 from coop.feature_cache import default_cache_dir
 from coop.io import CheckpointError
-from coop.optim import build_lr_scheduler, build_optimizer
 from coop.registry import TRAINER_REGISTRY
+from coop.validation import BACKBONE_CTX_DIM
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "fp32", "amp", "bf16")
 POSITIONS = ("end", "middle", "front")
 
 
@@ -379,52 +378,41 @@ class CustomCLIP(nn.Module):
 
 @TRAINER_REGISTRY.register()
 class CoOp(CLIPTrainer):
-    """Context Optimization (CoOp)."""
+    """Context Optimization (CoOp): cross-entropy on CLIP's logits, the prompt learner
+    trained alone."""
+
+    @classmethod
+    def add_config(cls, cfg) -> None:
+        cfg.TRAINER.COOP = CN()
+        cfg.TRAINER.COOP.N_CTX = 16  # number of context vectors
+        cfg.TRAINER.COOP.CSC = False  # class-specific context
+        cfg.TRAINER.COOP.CTX_INIT = ""  # initialisation words ("" = random)
+        cfg.TRAINER.COOP.PREC = "fp16"  # fp16, fp32, amp (and our bf16)
+        cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end, middle or front
 
     def check_cfg(self, cfg) -> None:
-        if cfg.TRAINER.COOP.PREC not in PRECISIONS:
-            raise ValueError(
-                f"TRAINER.COOP.PREC must be one of {PRECISIONS}, got '{cfg.TRAINER.COOP.PREC}'"
-            )
-        if cfg.TRAINER.COOP.CLASS_TOKEN_POSITION not in POSITIONS:
-            raise ValueError(
+        super().check_cfg(cfg)
+        opts = cfg.TRAINER.COOP
+        if opts.CLASS_TOKEN_POSITION not in POSITIONS:
+            raise ConfigError(
                 f"TRAINER.COOP.CLASS_TOKEN_POSITION must be one of {POSITIONS}, "
-                f"got '{cfg.TRAINER.COOP.CLASS_TOKEN_POSITION}'"
+                f"got '{opts.CLASS_TOKEN_POSITION}'"
             )
+        if opts.N_CTX < 1 and not opts.CTX_INIT:
+            raise ConfigError(f"TRAINER.COOP.N_CTX must be at least 1, got {opts.N_CTX}")
 
-    def build_model(self) -> None:
+    def build_custom_clip(self, clip_model: nn.Module) -> nn.Module:
+        return CustomCLIP(self.cfg, self.dm.dataset.classnames, clip_model)
+
+    def after_model_built(self) -> None:
         cfg = self.cfg
-        classnames = self.dm.dataset.classnames
-        prec = cfg.TRAINER.COOP.PREC
-
-        clip_model = load_clip_for(cfg)
-        if prec in ("fp32", "amp", "bf16"):
-            clip_model.float()
-        elif self.device.type == "cpu":
-            logger.warning(
-                "PREC fp16 on a CPU is slow and numerically fragile; "
-                "pass TRAINER.COOP.PREC fp32 for CPU runs"
-            )
-
-        logger.info("Building custom CLIP")
-        self.model = CustomCLIP(cfg, classnames, clip_model)
-
-        logger.info("Turning off gradients in both the image and the text encoder")
-        for name, param in self.model.named_parameters():
-            if "prompt_learner" not in name:
-                param.requires_grad_(False)
-
-        if cfg.MODEL.INIT_WEIGHTS:
-            self.load_pretrained_prompt(cfg.MODEL.INIT_WEIGHTS)
-
-        self.model.to(self.device)
         if self.model.text_mode != "plain":
             logger.info(f"Text encoder fast path: {self.model.text_mode}")
         if cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS:
             if not self.model.cuda_graphs:
                 logger.warning(
-                    f"FAST.CUDA_GRAPHS works with PREC fp16 and fp32 only; PREC {prec} runs "
-                    "without CUDA graphs"
+                    f"FAST.CUDA_GRAPHS works with PREC fp16 and fp32 only; PREC "
+                    f"{self.precision} runs without CUDA graphs"
                 )
             elif self.device.type != "cuda":
                 logger.warning(
@@ -433,93 +421,36 @@ class CoOp(CLIPTrainer):
                 )
             else:
                 logger.info("CUDA graphs (opt-in): text side and image encoder are replayed")
-        self.optim = build_optimizer(self.model.prompt_learner, cfg.OPTIM)
-        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
-        self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
-
-        use_amp = prec == "amp" and self.device.type == "cuda"
-        if prec == "amp" and not use_amp:
-            logger.warning("PREC amp needs CUDA; on this device it trains exactly like fp32")
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
-        self.use_amp = use_amp
-        # bf16 (our option): fp32 weights, bf16 autocast in training and evaluation
-        self.use_bf16 = prec == "bf16"
-
-    def load_pretrained_prompt(self, path: str) -> None:
-        """MODEL.INIT_WEIGHTS: copy the keys whose name and shape match."""
-        from coop.io import load_checkpoint
-
-        ckpt = load_checkpoint(path)
-        own = self.model.prompt_learner.state_dict()
-        matched = {
-            k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape
-        }
-        if not matched:
-            raise CheckpointError(f"No weights in {path} match the prompt learner")
-        self.model.prompt_learner.load_state_dict(matched, strict=False)
-        logger.info(f"Initialized the prompt learner from {path}: {sorted(matched)}")
-
-    def autocast(self):
-        if self.use_bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model.encode_image(images)
+        return self.model.encode_image(images)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model.logits(features)
+        return self.model.logits(features)
 
-    def model_inference(self, input: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.model(input)
+    def evaluation_scope(self):
+        return self.model.frozen_text_features()  # the original recomputes them per batch
 
-    def clip_dtype(self) -> torch.dtype:
-        """The precision the image features are computed in (part of the cache key)."""
-        return torch.bfloat16 if self.use_bf16 else self.model.dtype
-
-    def image_channels_last(self) -> bool:
-        return self.model.channels_last
-
-    def image_bn_folded(self) -> bool:
-        return self.model.bn_folded
-
-    def forward_backward(self, batch) -> Dict[str, float]:
-        image, label = self.parse_batch_train(batch)
-        return self.train_step(lambda: self.model(image), label)
-
-    def train_step(self, logits_fn, label: torch.Tensor) -> Dict[str, float]:
-        if self.use_amp:
-            with torch.autocast("cuda"):
-                output = logits_fn()
-                loss = F.cross_entropy(output, label)
-            self.optim.zero_grad()
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optim)
-            self.scaler.update()
-        else:
-            with self.autocast():
-                output = logits_fn()
-                loss = F.cross_entropy(output, label)
-            self.model_backward_and_update(loss)
-
-        loss_summary = {
-            "loss": loss.item(),
-            "acc": compute_accuracy(output, label),
-        }
-        if (self.batch_idx + 1) == self.num_batches:
-            self.update_lr()
-        return loss_summary
-
-    def evaluation_context(self):
-        if not self.cfg.FAST.ENABLED:  # the original recomputes them for every batch
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(super().evaluation_context())  # inference mode
-        stack.enter_context(self.model.frozen_text_features())
-        return stack
+    def check_checkpoint(self, state_dict, path: str) -> None:
+        """The learned context must fit the class count, the number of context tokens, CSC
+        and (for a named backbone) the text width."""
+        opts = self.cfg.TRAINER.COOP
+        ctx = state_dict.get("ctx")
+        if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
+            return
+        ctx_init = str(opts.CTX_INIT).replace("_", " ")
+        n_ctx = len(ctx_init.split(" ")) if ctx_init else int(opts.N_CTX)
+        backbone = self.cfg.MODEL.BACKBONE.NAME
+        dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
+        expected = (self.num_classes, n_ctx, dim) if opts.CSC else (n_ctx, dim)
+        got = tuple(ctx.shape)
+        if got == expected or (opts.CSC and got == expected[1:]):  # a generic context fits CSC
+            return
+        raise CheckpointError(
+            f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
+            f"but {expected} here ({self.num_classes} classes, N_CTX {n_ctx}, CSC {opts.CSC}, "
+            f"backbone {backbone})"
+        )
 
     def prepare_loaded_state_dict(self, name, state_dict, path):
         state_dict = dict(state_dict)
@@ -547,13 +478,3 @@ class CoOp(CLIPTrainer):
             raise CheckpointError(f"The checkpoint {path} lacks the weights {missing}")
         # keep the model's dtype (e.g. an fp16 checkpoint evaluated in fp32)
         return {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
-
-
-def compute_accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
-    """Top-1 batch accuracy in percent, computed as Dassl does."""
-    batch_size = target.size(0)
-    _, pred = output.topk(1, 1, True, True)
-    pred = pred.t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    correct_k = correct[:1].view(-1).float().sum(0, keepdim=True)
-    return correct_k.mul_(100.0 / batch_size).item()
