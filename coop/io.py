@@ -321,6 +321,10 @@ def _restricted_pickle_module() -> Any:
 
     class RestrictedUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
+            # torch.save writes protocol 2, which names the builtins module "__builtin__"
+            # (Python 2's); the base class would map it only after this check
+            if module == "__builtin__":
+                module = "builtins"
             if (module, name) in allowed:
                 return super().find_class(module, name)
             # vars(), not getattr(): torch's module __getattr__ imports submodules by name
