@@ -10,6 +10,7 @@ turns the pickled objects into ``None`` and never runs or imports anything from 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickle
 import sys
@@ -21,7 +22,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
+from coop.config import get_cfg_default
+from coop.engine import TrainerBase
 from coop.io import load_checkpoint
+from coop.optim import build_lr_scheduler, build_optimizer
 
 N_CLS, N_CTX, DIM, CONTEXT_LENGTH = 10, 16, 64, 77  # the tiny CLIP on the miniature
 LR, CONS_LR, MAX_EPOCH = 0.002, 1e-5, 5  # CoOp's rn50.yaml schedule, shortened
@@ -231,3 +235,63 @@ def test_a_module_named_in_the_file_is_not_imported(tmp_path, monkeypatch):
     assert name not in sys.modules
     assert not imported.exists() and not called.exists()
     assert ckpt["scheduler"]["successor"] is None
+
+
+# --------------------------------------------------------------------------- the engine
+def _our_trainer(max_epoch: int = MAX_EPOCH) -> Tuple[TrainerBase, nn.Module, Any, Any]:
+    """Our engine with a prompt learner, CoOp's SGD and warm-up + cosine schedule."""
+    cfg = get_cfg_default()
+    cfg.OPTIM.NAME, cfg.OPTIM.LR, cfg.OPTIM.MAX_EPOCH = "sgd", LR, max_epoch
+    cfg.OPTIM.LR_SCHEDULER, cfg.OPTIM.WARMUP_EPOCH = "cosine", 1
+    cfg.OPTIM.WARMUP_TYPE, cfg.OPTIM.WARMUP_CONS_LR = "constant", CONS_LR
+    model = _PromptLearner()
+    optim = build_optimizer(model, cfg.OPTIM)
+    sched = build_lr_scheduler(optim, cfg.OPTIM)
+    trainer = TrainerBase()
+    trainer.register_model("prompt_learner", model, optim, sched)
+    return trainer, model, optim, sched
+
+
+def test_our_warmup_scheduler_refuses_a_state_without_its_successor():
+    """Loading only the wrapper would leave the successor at its first epoch."""
+    _, _, _, sched = _our_trainer()
+    before = sched.state_dict()
+    state, _ = _dassl_run(epochs=3)
+    with pytest.raises(ValueError, match="successor"):
+        sched.load_state_dict({**state["scheduler"], "successor": None})
+    assert sched.state_dict() == before
+
+
+def test_engine_resumes_a_dassl_checkpoint_with_the_same_schedule(tmp_path, caplog):
+    """Momentum buffers load; the scheduler state (its successor was pickled) is replaced by
+    a replay of the schedule, so the remaining epochs get the learning rates of a run that
+    was never interrupted."""
+    _, model, optim, sched = _our_trainer()
+    uninterrupted = _train_epochs(model, optim, sched, MAX_EPOCH)
+    state, dassl_lrs = _dassl_run(epochs=3)
+    assert dassl_lrs == uninterrupted[:3]  # Dassl's schedule is ours
+    _save_like_dassl(state, str(tmp_path / "prompt_learner"), "model.pth.tar-3")
+
+    trainer, model, optim, sched = _our_trainer()
+    with caplog.at_level(logging.INFO, logger="coop.engine"):
+        assert trainer.resume_model_if_exist(str(tmp_path)) == 3
+    assert "Loaded optimizer" in caplog.text and "Loaded scheduler" not in caplog.text
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "replayed for 3 epoch(s)" in warning[0].getMessage()
+    assert "successor" in warning[0].getMessage()
+    assert torch.equal(model.ctx.detach(), state["state_dict"]["ctx"])
+    saved_buffer = state["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(optim.state_dict()["state"][0]["momentum_buffer"], saved_buffer)
+    assert _train_epochs(model, optim, sched, MAX_EPOCH - 3) == uninterrupted[3:]
+
+
+def test_engine_does_not_replay_a_scheduler_that_has_stepped(tmp_path, caplog):
+    state, _ = _dassl_run(epochs=3)
+    _save_like_dassl(state, str(tmp_path / "prompt_learner"), "model.pth.tar-3")
+    trainer, model, optim, sched = _our_trainer()
+    _train_epochs(model, optim, sched, 1)
+    after_one = sched.state_dict()
+    with caplog.at_level(logging.WARNING, logger="coop.engine"):
+        assert trainer.resume_model_if_exist(str(tmp_path)) == 3
+    assert "Scheduler state not loaded" in caplog.text and "replayed" not in caplog.text
+    assert sched.state_dict() == after_one
