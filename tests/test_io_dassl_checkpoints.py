@@ -13,12 +13,16 @@ import importlib
 import logging
 import os
 import pickle
+import shutil
 import sys
+import warnings
 from collections import OrderedDict
+from types import SimpleNamespace
 from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
+from helpers_train import coop_argv, read_results
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
@@ -26,6 +30,7 @@ from coop.config import get_cfg_default
 from coop.engine import TrainerBase
 from coop.io import load_checkpoint
 from coop.optim import build_lr_scheduler, build_optimizer
+from coop.train import main
 
 N_CLS, N_CTX, DIM, CONTEXT_LENGTH = 10, 16, 64, 77  # the tiny CLIP on the miniature
 LR, CONS_LR, MAX_EPOCH = 0.002, 1e-5, 5  # CoOp's rn50.yaml schedule, shortened
@@ -295,3 +300,98 @@ def test_engine_does_not_replay_a_scheduler_that_has_stepped(tmp_path, caplog):
         assert trainer.resume_model_if_exist(str(tmp_path)) == 3
     assert "Scheduler state not loaded" in caplog.text and "replayed" not in caplog.text
     assert sched.state_dict() == after_one
+
+
+# --------------------------------------------------------------------------- coop-train
+E2E_EPOCHS = 3
+E2E_OPTS = ("OPTIM.MAX_EPOCH", str(E2E_EPOCHS), "TRAIN.CHECKPOINT_FREQ", "1")
+
+
+@pytest.fixture(scope="module")
+def ours(caltech_root, learnable_clip, tmp_path_factory):
+    """Our engine's CoOp run on the Caltech101 miniature (2 shots, a checkpoint each epoch)."""
+    base = tmp_path_factory.mktemp("dassl_e2e")
+    data = str(base / "data")
+    shutil.copytree(caltech_root, data)
+    out = str(base / "ours")
+    assert main(coop_argv(data, out, learnable_clip, 1, 2, *E2E_OPTS)) == 0
+    return SimpleNamespace(data=data, out=out, clip=learnable_clip)
+
+
+def _rewrite_in_dassl_format(src: str, model_dir: str, ctx: torch.Tensor | None = None) -> str:
+    """Our checkpoint ``src`` (with ``ctx`` instead of its context when given) as the
+    original CoOp saves it through Dassl: the prompt learner's state dict with the
+    class-name token buffers, the optimizer's state dict, and the warm-up scheduler's state
+    dict holding its successor object, whose optimizer holds the momentum buffers."""
+    ours = torch.load(src, weights_only=True)
+    epoch = ours["epoch"]
+    learner = _PromptLearner(ours["state_dict"]["ctx"] if ctx is None else ctx)
+    optim = torch.optim.SGD(learner.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    optim.load_state_dict(ours["optimizer"])
+    sched = _WarmupScheduler(optim, CosineAnnealingLR(optim, float(E2E_EPOCHS)), 1, CONS_LR)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(epoch):
+            sched.step()
+    state = {
+        "state_dict": OrderedDict(learner.state_dict()),
+        "epoch": epoch,
+        "optimizer": ours["optimizer"],
+        "scheduler": sched.state_dict(),
+        "val_result": None,
+    }
+    assert len(optim.state_dict()["state"]) == 1  # the pickled SGD has momentum buffers
+    path = _save_like_dassl(
+        state, os.path.join(model_dir, "prompt_learner"), f"model.pth.tar-{epoch}"
+    )
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    return path
+
+
+def _epoch_lrs(log_path: str, epoch: int) -> List[str]:
+    """The ``lr`` column of the training lines of ``epoch`` in a log."""
+    with open(log_path, encoding="utf-8") as f:
+        lines = [ln.split() for ln in f if ln.startswith(f"epoch [{epoch}/")]
+    return [parts[parts.index("lr") + 1] for parts in lines]
+
+
+def test_coop_train_evaluates_a_dassl_checkpoint_like_our_own(ours, tmp_path):
+    src = os.path.join(ours.out, "prompt_learner", f"model.pth.tar-{E2E_EPOCHS}")
+    model_dir = str(tmp_path / "dassl")
+    _rewrite_in_dassl_format(src, model_dir)
+    # a control: another context gives other results, so the equality below says something
+    other_dir = str(tmp_path / "other")
+    _rewrite_in_dassl_format(
+        src, other_dir, torch.randn(N_CTX, DIM, generator=torch.Generator().manual_seed(0))
+    )
+    results = {}
+    for name, directory in (("dassl", model_dir), ("ours", ours.out), ("other", other_dir)):
+        out = str(tmp_path / f"eval_{name}")
+        argv = coop_argv(ours.data, out, ours.clip, 1, 2)
+        load = ["--eval-only", "--model-dir", directory, "--load-epoch", str(E2E_EPOCHS)]
+        assert main([*load, *argv]) == 0
+        results[name] = read_results(out)
+    assert results["dassl"]["total"] == 60
+    assert results["dassl"]["metrics"] == results["ours"]["metrics"]
+    assert results["ours"]["metrics"] == read_results(ours.out)["metrics"]
+    assert results["other"]["metrics"] != results["ours"]["metrics"]
+
+
+def test_coop_train_resumes_a_dassl_checkpoint_with_the_same_schedule(ours, tmp_path):
+    """The Dassl checkpoint holds no RNG states, so the batches differ from the
+    uninterrupted run; the learning rates do not."""
+    resume_dir = str(tmp_path / "dassl")
+    _rewrite_in_dassl_format(
+        os.path.join(ours.out, "prompt_learner", "model.pth.tar-2"), resume_dir
+    )
+    out = str(tmp_path / "resumed")
+    argv = coop_argv(ours.data, out, ours.clip, 1, 2, *E2E_OPTS)
+    assert main(["--resume", resume_dir, *argv]) == 0
+    log = os.path.join(out, "log.txt")
+    text = open(log, encoding="utf-8").read()
+    assert "Loaded optimizer" in text and "replayed for 2 epoch(s)" in text
+    assert not _epoch_lrs(log, 1) and not _epoch_lrs(log, 2)  # resumed after epoch 2
+    lrs = _epoch_lrs(log, E2E_EPOCHS)
+    assert lrs and lrs == _epoch_lrs(os.path.join(ours.out, "log.txt"), E2E_EPOCHS)
+    assert read_results(out)["total"] == 60
