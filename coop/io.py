@@ -265,13 +265,32 @@ class CheckpointError(RuntimeError):
 class _Inert:
     """Stands in for any object a legacy checkpoint pickled (optimizers, schedulers, ...).
 
-    It accepts any construction arguments and state and does nothing with them, so
-    nothing from the file is ever executed."""
+    It accepts any construction arguments, state and contents and keeps none of them, so
+    nothing from the file is ever executed. Pickle fills objects that it rebuilt with the
+    container opcodes too (``SETITEM(S)``, ``APPEND(S)``, ``ADDITEMS``: e.g. the
+    ``defaultdict`` of a pickled optimizer's ``state``, keyed by its parameters), so the
+    stand-in takes those calls as well: without ``__setitem__``, Python would try the key as
+    a sequence index and a parameter tensor fails with "only integer tensors of a single
+    element can be converted to an index"."""
+
+    __slots__ = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def add(self, value: Any) -> None:
         pass
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
@@ -302,10 +321,16 @@ def _restricted_pickle_module() -> Any:
 
     class RestrictedUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
+            # torch.save writes protocol 2, which names the builtins module "__builtin__"
+            # (Python 2's); the base class would map it only after this check
+            if module == "__builtin__":
+                module = "builtins"
             if (module, name) in allowed:
                 return super().find_class(module, name)
-            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-                return getattr(torch, name)
+            # vars(), not getattr(): torch's module __getattr__ imports submodules by name
+            dtype = vars(torch).get(name) if module == "torch" else None
+            if isinstance(dtype, torch.dtype):
+                return dtype
             return _Inert
 
     def load(file: Any, **kwargs: Any) -> Any:
@@ -320,31 +345,46 @@ def _restricted_pickle_module() -> Any:
     return mod
 
 
+def _is_inert(obj: Any) -> bool:
+    # the class itself too: a pickled reference to a class (not an instance) resolves to it
+    return obj is _Inert or isinstance(obj, _Inert)
+
+
 def _strip_inert(obj: Any) -> Any:
-    if isinstance(obj, _Inert):
+    """``obj`` with every stand-in replaced by ``None`` (in dicts, lists and tuples); a dict
+    entry whose key is a stand-in and a stand-in member of a set are dropped."""
+    if _is_inert(obj):
         return None
     if isinstance(obj, dict):
-        return type(obj)((k, _strip_inert(v)) for k, v in obj.items() if not isinstance(v, _Inert))
+        return type(obj)((k, _strip_inert(v)) for k, v in obj.items() if not _is_inert(k))
     if isinstance(obj, list):
         return [_strip_inert(v) for v in obj]
     if isinstance(obj, tuple):
         return tuple(_strip_inert(v) for v in obj)
+    if isinstance(obj, (set, frozenset)):
+        return type(obj)(v for v in obj if not _is_inert(v))
     return obj
 
 
 def read_legacy_checkpoint(path: str) -> Any:
     """Read a Dassl-format checkpoint (e.g. the released CoOp models) without unpickling
     arbitrary objects: tensors, numbers, strings and containers are kept; every other
-    pickled object (optimizer/scheduler instances) is replaced by ``None``."""
+    pickled object is replaced by ``None``.
+
+    In a checkpoint of Dassl's ``save_checkpoint`` that is the scheduler's ``successor``
+    (Dassl's warm-up wrapper keeps the wrapped scheduler, and with it the optimizer
+    instance, in its state dict); ``state_dict``, ``epoch``, ``val_result`` and the
+    optimizer's state dict (plain dicts of tensors) are kept."""
     import torch
 
     try:
         obj = torch.load(
             path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module()
         )
+        return _strip_inert(obj)
     except Exception as e:  # noqa: BLE001 - any failure means: not a readable checkpoint
+        # (RecursionError included: a file may nest containers deeper than the stack)
         raise CheckpointError(f"Cannot read checkpoint {path}: {e}") from None
-    return _strip_inert(obj)
 
 
 def read_checkpoint(path: str) -> Any:

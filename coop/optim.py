@@ -119,12 +119,20 @@ class _BaseWarmupScheduler(LRScheduler):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore the wrapper and its successor; a state without the successor's state
+        dict (Dassl pickles the successor object, which a safe reader does not load) raises
+        ``ValueError`` and changes nothing: loading only the wrapper would leave the
+        successor at its first epoch and give other learning rates than the saved run."""
         state = dict(state_dict)
         successor_state = state.pop("successor", None)
-        if isinstance(successor_state, dict):
-            self.successor.load_state_dict(successor_state)
-        # a legacy (Dassl) state may hold a placeholder for the pickled successor object:
-        # keep our live successor, never an unpickled copy
+        if not isinstance(successor_state, dict):
+            raise ValueError(
+                "the scheduler state holds no state of the successor scheduler (a Dassl "
+                "checkpoint pickles the successor object, which is not loaded)"
+            )
+        self.successor.load_state_dict(successor_state)
+        # never an unpickled optimizer or successor: keep our live ones
+        state.pop("optimizer", None)
         self.__dict__.update(state)
 
 
