@@ -271,21 +271,24 @@ def _fix_scheduler_verbose() -> bool:
         _LRScheduler.__init__(self, optimizer, last_epoch)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # the safe reader gives the pickled successor back as None (or its plain state):
-        # keep the live one and restore its state where the file holds it
+        # the restricted reader gives the pickled successor back as None: loading only the
+        # wrapper would leave the successor at its first epoch (other learning rates), so
+        # such a state is refused and the resume replays the schedule instead
         state = dict(state_dict)
         successor = state.pop("successor", None)
-        _LRScheduler.load_state_dict(self, state)
-        if isinstance(successor, dict):
-            successor.pop("optimizer", None)
-            self.successor.load_state_dict(successor)
+        if not isinstance(successor, dict):
+            raise ValueError("the scheduler state holds no state of its successor scheduler")
+        successor.pop("optimizer", None)
+        self.successor.load_state_dict(successor)
+        state.pop("optimizer", None)
+        self.__dict__.update(state)
 
     __init__._coop_fixed = True  # type: ignore[attr-defined]
     base.__init__ = __init__
     base.load_state_dict = load_state_dict
     _FIXES["scheduler-verbose"] = (
         "its warm-up LR schedulers do not pass `verbose`, which this torch's _LRScheduler "
-        "no longer takes, and keep their successor scheduler on resume"
+        "no longer takes"
     )
     return True
 
@@ -299,6 +302,7 @@ def _route_checkpoint_loading() -> bool:
     from dassl.utils import torchtools
 
     from coop.io import read_checkpoint
+    from coop.optim import resume_scheduler
 
     if getattr(torchtools.load_checkpoint, "_coop_safe", False):
         return False
@@ -308,14 +312,36 @@ def _route_checkpoint_loading() -> bool:
             raise ValueError("File path is None")
         return read_checkpoint(fpath)
 
+    def resume_from_checkpoint(fdir: str, model: Any, optimizer: Any = None, scheduler: Any = None):
+        # Dassl's, with the scheduler resumed as the bundled engine resumes it: its pickled
+        # successor is not loaded, so the deterministic schedule is replayed instead
+        import os.path as osp
+
+        with open(osp.join(fdir, "checkpoint")) as f:
+            fpath = osp.join(fdir, f.readline().strip("\n"))
+        print(f'Loading checkpoint from "{fpath}"')
+        checkpoint = load_checkpoint(fpath)
+        model.load_state_dict(checkpoint["state_dict"])
+        print("Loaded model weights")
+        fresh_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
+        if optimizer is not None and checkpoint.get("optimizer") is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            print("Loaded optimizer")
+        if scheduler is not None:
+            resume_scheduler(scheduler, checkpoint.get("scheduler"), checkpoint["epoch"], fresh_lrs)
+        print(f"Previous epoch: {checkpoint['epoch']}")
+        return checkpoint["epoch"]
+
     load_checkpoint._coop_safe = True  # type: ignore[attr-defined]
     load_checkpoint.__doc__ = torchtools.load_checkpoint.__doc__
     for module in (torchtools, dassl_utils, dassl_trainer):
         module.load_checkpoint = load_checkpoint
+        module.resume_from_checkpoint = resume_from_checkpoint
     _FIXES["safe-load-checkpoint"] = (
         "load_checkpoint reads through coop's restricted reader (tensors and plain "
         "containers only, no arbitrary unpickling; this torch's default weights_only load "
-        "refuses Dassl's own checkpoints)"
+        "refuses Dassl's own checkpoints), and a resume replays the LR schedule whose "
+        "pickled successor scheduler that reader does not load"
     )
     return True
 

@@ -29,7 +29,6 @@ import os
 import os.path as osp
 import random
 import time
-import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
@@ -46,6 +45,7 @@ from coop.io import (
     load_checkpoint,
     remove_stale_temp_files,
 )
+from coop.optim import resume_scheduler
 from coop.registry import build_evaluator
 from coop.utils import AverageMeter, MetricMeter, format_eta
 
@@ -263,7 +263,7 @@ class TrainerBase:
                 self._optims[name].load_state_dict(ckpt["optimizer"])
                 logger.info("Loaded optimizer")
             if sched is not None:
-                self._resume_scheduler(sched, ckpt.get("scheduler"), ckpt["epoch"], fresh_lrs)
+                resume_scheduler(sched, ckpt.get("scheduler"), ckpt["epoch"], fresh_lrs)
             scaler = self.__dict__.get("scaler")
             if scaler is not None and isinstance(ckpt.get("scaler"), dict):
                 scaler.load_state_dict(ckpt["scaler"])
@@ -275,36 +275,6 @@ class TrainerBase:
         if rng:
             self._set_rng_state(rng)
         return start_epoch
-
-    @staticmethod
-    def _resume_scheduler(sched: Any, state: Any, epoch: int, fresh_lrs: List[float]) -> None:
-        """Load ``state`` into ``sched``. A state that does not fit (a Dassl checkpoint's
-        warm-up scheduler, whose successor was pickled as an object and is not loaded; no
-        state at all) is skipped with a warning, and a scheduler that has not stepped yet
-        replays ``epoch`` steps from ``fresh_lrs`` instead: the schedule is deterministic,
-        so this gives the learning rates of the saved run."""
-        reason = "the checkpoint holds no scheduler state"
-        if isinstance(state, dict):
-            try:
-                sched.load_state_dict(state)
-            except (ValueError, KeyError, TypeError) as e:
-                reason = str(e)
-            else:
-                logger.info("Loaded scheduler")
-                return
-        if getattr(sched, "_step_count", None) != 1:  # stepped already: nothing to replay
-            logger.warning(f"Scheduler state not loaded: {reason}")
-            return
-        logger.warning(
-            f"Scheduler state not loaded: {reason}; the schedule is replayed for "
-            f"{epoch} epoch(s) instead"
-        )
-        for group, lr in zip(sched.optimizer.param_groups, fresh_lrs):
-            group["lr"] = lr
-        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(int(epoch)):
-                sched.step()
 
     def prepare_loaded_state_dict(
         self, name: str, state_dict: Dict[str, torch.Tensor], path: str

@@ -10,11 +10,15 @@ schedule instead of freezing it.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any, Dict, Iterable, List, Union
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
+
+logger = logging.getLogger(__name__)
 
 AVAI_OPTIMS = ["adam", "amsgrad", "sgd", "rmsprop", "radam", "adamw"]
 AVAI_SCHEDS = ["single_step", "multi_step", "cosine"]
@@ -204,3 +208,33 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any) -> LRSc
                 f"OPTIM.WARMUP_TYPE must be 'constant' or 'linear', got '{optim_cfg.WARMUP_TYPE}'"
             )
     return scheduler
+
+
+def resume_scheduler(sched: Any, state: Any, epoch: int, fresh_lrs: List[float]) -> None:
+    """Load ``state`` into ``sched``. A state that does not fit (a Dassl checkpoint's
+    warm-up scheduler, whose successor was pickled as an object and is not loaded; no
+    state at all) is skipped with a warning, and a scheduler that has not stepped yet
+    replays ``epoch`` steps from ``fresh_lrs`` instead: the schedule is deterministic,
+    so this gives the learning rates of the saved run."""
+    reason = "the checkpoint holds no scheduler state"
+    if isinstance(state, dict):
+        try:
+            sched.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as e:
+            reason = str(e)
+        else:
+            logger.info("Loaded scheduler")
+            return
+    if getattr(sched, "_step_count", None) != 1:  # stepped already: nothing to replay
+        logger.warning(f"Scheduler state not loaded: {reason}")
+        return
+    logger.warning(
+        f"Scheduler state not loaded: {reason}; the schedule is replayed for "
+        f"{epoch} epoch(s) instead"
+    )
+    for group, lr in zip(sched.optimizer.param_groups, fresh_lrs):
+        group["lr"] = lr
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(int(epoch)):
+            sched.step()

@@ -352,3 +352,44 @@ def test_a_dassl_written_checkpoint_is_evaluated_by_coop_train(data_root, tiny_v
     argv = ["--eval-only", "--model-dir", trained, "--load-epoch", "2"]
     assert main([*argv, *coop_argv(data_root, out, tiny_vit, 1, 4)]) == 0
     assert _accuracy(os.path.join(out, "log.txt")) == _accuracy(os.path.join(trained, "log.txt"))
+
+
+def test_a_killed_dassl_run_resumes_with_the_same_learning_rates(
+    data_root, tiny_vit, tmp_path, monkeypatch
+):
+    _dassl()
+    import glob
+
+    from coop.dassl_bridge import dassl_host, register_into_dassl
+    from coop.hosts import on_host
+    from coop.trainers.coop import CoOp
+
+    register_into_dassl()
+    cls = on_host(CoOp, dassl_host())
+    extra = ("OPTIM.MAX_EPOCH", "4", "TRAIN.CHECKPOINT_FREQ", "1", "OPTIM.WARMUP_EPOCH", "1")
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert main(["--engine", "dassl", *_short(data_root, full, tiny_vit, *extra)]) == 0
+
+    class Killed(Exception):
+        pass
+
+    after_epoch = cls.after_epoch
+
+    def after_epoch_then_kill(self):
+        after_epoch(self)
+        if self.epoch == 1:
+            raise Killed
+
+    monkeypatch.setattr(cls, "after_epoch", after_epoch_then_kill)
+    with pytest.raises(Killed):
+        main(["--engine", "dassl", *_short(data_root, part, tiny_vit, *extra)])
+    monkeypatch.setattr(cls, "after_epoch", after_epoch)
+    assert main(["--engine", "dassl", *_short(data_root, part, tiny_vit, *extra)]) == 0
+
+    def lrs(lines):
+        return [ln.split()[-1] for ln in lines]  # epoch [e/4] ... lr X, per batch
+
+    resumed = max(glob.glob(os.path.join(part, "log.txt-*")))
+    log = open(resumed, encoding="utf-8").read()
+    assert "Previous epoch: 2" in log and "the schedule is replayed for 2 epoch(s)" in log
+    assert lrs(loss_lines(resumed)) == lrs(loss_lines(os.path.join(full, "log.txt")))[2:]
