@@ -87,30 +87,34 @@ class CLIPTrainer:
         name = self.config_node_name()
         return self.cfg.TRAINER.get(name) if name else None
 
-    def check_cfg(self, cfg: Any) -> None:
-        """Dassl's hook, run first in the trainer's constructor: the keys this package adds
-        must be there (a Dassl config that ``extend_dassl_cfg`` was not run for lacks them)."""
-        node = self.config_node_name()
+    @classmethod
+    def check_cfg(cls, cfg: Any) -> None:
+        """Dassl's hook, run first in the trainer's constructor (and by ``coop-train``
+        before anything is written): the keys this package adds must be there (a Dassl
+        config that ``extend_dassl_cfg`` was not run for lacks them), and a method checks
+        its own keys' values (a classmethod, so it needs no trainer)."""
+        node = cls.config_node_name()
         needed = [("FAST", cfg.get("FAST"))]
         if node:
             needed.append((f"TRAINER.{node}", cfg.TRAINER.get(node)))
         for key, value in needed:
             if value is None:
                 raise ConfigError(
-                    f"The config has no {key} node, which trainer {type(self).__name__} "
-                    f"reads: {EXTEND_HINT}"
+                    f"The config has no {key} node, which trainer {cls.__name__} reads: "
+                    f"{EXTEND_HINT}"
                 )
-        prec = self._prec_of(cfg)
+        prec = cls._prec_of(cfg)
         if prec is not None and prec not in PRECISIONS:
             raise ConfigError(f"TRAINER.{node}.PREC must be one of {PRECISIONS}, got '{prec}'")
-        if cfg.FAST.TRAIN_FEATURE_CACHE and not self.image_encoder_frozen:
+        if cfg.FAST.TRAIN_FEATURE_CACHE and not cls.image_encoder_frozen:
             raise ConfigError(
                 f"FAST.TRAIN_FEATURE_CACHE needs a frozen image encoder; trainer "
-                f"{type(self).__name__} trains its image encoder: turn it off"
+                f"{cls.__name__} trains its image encoder: turn it off"
             )
 
-    def _prec_of(self, cfg: Any) -> Optional[str]:
-        name = self.config_node_name()
+    @classmethod
+    def _prec_of(cls, cfg: Any) -> Optional[str]:
+        name = cls.config_node_name()
         node = cfg.TRAINER.get(name) if name else None
         if node is not None and hasattr(node, "get") and "PREC" in node:
             return str(node.PREC)

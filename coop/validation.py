@@ -87,7 +87,7 @@ def validate_cfg(cfg: Any, dassl: bool = False) -> None:
 
     if not cfg.TRAINER.NAME:
         raise ConfigError("No trainer given: pass --trainer (e.g. CoOp or ZeroshotCLIP)")
-    TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # raises with a "did you mean"
+    trainer = TRAINER_REGISTRY.get(cfg.TRAINER.NAME)  # raises with a "did you mean"
     if not cfg.DATASET.NAME:
         raise ConfigError(
             "No dataset given: pass --dataset-config-file (e.g. configs/datasets/caltech101.yaml)"
@@ -146,6 +146,11 @@ def validate_cfg(cfg: Any, dassl: bool = False) -> None:
         raise ConfigError(f"FAST.CLASS_CHUNK must be >= 0, got {cfg.FAST.CLASS_CHUNK}")
     if cfg.TRAIN.PRINT_FREQ < 1:
         raise ConfigError("TRAIN.PRINT_FREQ must be at least 1")
+    import inspect
+
+    # the method's own keys (trainers on the base check them without an instance)
+    if isinstance(inspect.getattr_static(trainer, "check_cfg", None), classmethod):
+        trainer.check_cfg(cfg)
 
 
 def _names_config_key(message: str) -> bool:

@@ -17,6 +17,20 @@ def _private_cache_dirs(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(autouse=True)
+def _restore_coop_logger():
+    """A test that registers the Dassl plugin attaches a handler to the package's logger
+    (as it does in a user's process): take it off again after the test."""
+    import logging
+
+    log = logging.getLogger("coop")
+    state = (list(log.handlers), log.level, log.propagate)
+    yield
+    for h in [h for h in log.handlers if h not in state[0]]:
+        log.removeHandler(h)
+    log.level, log.propagate = state[1], state[2]
+
+
 @pytest.fixture(scope="session")
 def caltech_root(tmp_path_factory):
     """A pristine Caltech101 miniature (10 classes x 20 images, with the split JSON)."""

@@ -86,9 +86,13 @@ def test_cfg_node_comes_from_add_config_and_is_checked():
     ],
 )
 def test_method_checks_its_own_config(data_root, tiny_vit, tmp_path, key, value, message):
-    from coop.hosts import on_host
+    from coop.config import get_cfg_default, merge_from_list
 
     argv = coop_argv(data_root, str(tmp_path / "o"), tiny_vit, 1, 4, key, value)
-    cfg = setup_cfg(build_parser().parse_args(argv))
-    with pytest.raises(ConfigError, match=message):
-        on_host(CoOp)(cfg)
+    with pytest.raises(ConfigError, match=message):  # coop-train, before anything is written
+        setup_cfg(build_parser().parse_args(argv))
+    assert not (tmp_path / "o").exists()
+    cfg = get_cfg_default()
+    merge_from_list(cfg, [key, value])
+    with pytest.raises(ConfigError, match=message):  # Dassl's constructor hook, on any host
+        CoOp.check_cfg(cfg)

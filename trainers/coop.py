@@ -390,7 +390,8 @@ class CoOp(CLIPTrainer):
         cfg.TRAINER.COOP.PREC = "fp16"  # fp16, fp32, amp (and our bf16)
         cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end, middle or front
 
-    def check_cfg(self, cfg) -> None:
+    @classmethod
+    def check_cfg(cls, cfg) -> None:
         super().check_cfg(cfg)
         opts = cfg.TRAINER.COOP
         if opts.CLASS_TOKEN_POSITION not in POSITIONS:
