@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from coop.engine import TrainerX
-from coop.feature_cache import (
+from coop.fast.feature_cache import (
     TRAIN_VIEWS_FORMAT,
     FeatureCache,
     SeededViews,

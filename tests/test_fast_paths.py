@@ -581,7 +581,7 @@ def test_persistent_workers_draw_the_original_augmentations(data_root, tiny_vit,
 def test_cuda_graphs_are_opt_in_and_leave_other_devices_and_precisions_eager(
     data_root, tiny_rn, tmp_path
 ):
-    from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide
+    from coop.fast.cuda_graphs import GraphedImageEncoder, GraphedTextSide
 
     assert get_cfg_default().FAST.CUDA_GRAPHS is False
     on = _cfg(CUDA_GRAPHS=True)
@@ -629,7 +629,7 @@ class _StaticGradient(torch.autograd.Function):
 
 @pytest.mark.parametrize("own", [False, True])
 def test_a_graphed_gradient_does_not_alias_the_context_gradient(own):
-    from coop.cuda_graphs import own_gradient
+    from coop.fast.cuda_graphs import own_gradient
 
     ctx = torch.zeros(3, requires_grad=True)
     opt = torch.optim.SGD([ctx], lr=0.0)
@@ -690,8 +690,8 @@ def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
 ):
     from contextlib import nullcontext
 
-    import coop.cuda_graphs as cuda_graphs
-    from coop.cuda_graphs import GraphedImageEncoder
+    import coop.fast.cuda_graphs as cuda_graphs
+    from coop.fast.cuda_graphs import GraphedImageEncoder
 
     attempts = []
 
@@ -714,7 +714,7 @@ def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
 def test_a_failed_recording_leaves_the_current_stream_as_it_was(monkeypatch):
     # torch.cuda.graph switches to its side stream before beginning a capture and switches
     # back only after a successful end; a refused capture must not leave the run there
-    import coop.cuda_graphs as cuda_graphs
+    import coop.fast.cuda_graphs as cuda_graphs
 
     current = ["default"]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])

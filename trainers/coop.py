@@ -28,8 +28,8 @@ from coop.clip_adapter import (
     use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
-from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide, warn_not_recorded
-from coop.feature_cache import default_cache_dir
+from coop.fast.cuda_graphs import GraphedImageEncoder, GraphedTextSide, warn_not_recorded
+from coop.fast.feature_cache import default_cache_dir
 from coop.io import CheckpointError
 from coop.optim import build_lr_scheduler, build_optimizer
 from coop.registry import TRAINER_REGISTRY
