@@ -11,7 +11,6 @@ Nothing is imported or loaded at module import time beyond the standard library 
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.client
 import importlib
 import importlib.util
@@ -286,171 +285,15 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return obj
 
 
-# --------------------------------------------------------------------------------------------
-# Building CLIP without running its random initialisers
-
-_INIT_MEMO_VERSION = 1
-_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def clip_args_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> tuple:
-    """The positional arguments of ``clip.model.CLIP`` that ``build_model`` infers from a
-    checkpoint's state dict (embed dim, resolution, vision layers, vision width, patch size or
-    None for a ResNet, context length, vocab size, text width, text heads, text layers)."""
-    sd = state_dict
-    if "visual.proj" in sd:
-        width = sd["visual.conv1.weight"].shape[0]
-        layers: Any = len(
-            [k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]
-        )
-        patch: Optional[int] = sd["visual.conv1.weight"].shape[-1]
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        resolution = patch * grid
-    else:
-        layers = tuple(
-            len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}")})
-            for b in (1, 2, 3, 4)
-        )
-        width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        out_width = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        if out_width**2 + 1 != sd["visual.attnpool.positional_embedding"].shape[0]:
-            raise ValueError("visual.attnpool.positional_embedding is not a square grid + 1")
-        patch = None
-        resolution = out_width * 32
-    text_width = sd["ln_final.weight"].shape[0]
-    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")})
-    return (
-        sd["text_projection"].shape[1],
-        resolution,
-        layers,
-        width,
-        patch,
-        sd["positional_embedding"].shape[0],
-        sd["token_embedding.weight"].shape[0],
-        text_width,
-        text_width // 64,
-        text_layers,
-    )
-
-
-@functools.cache
-def _skeleton_class(clip_cls: type) -> type:
-    """``clip_cls`` whose ``initialize_parameters`` (CLIP's own initialisers, called at the
-    end of its constructor) does nothing: on the meta device they draw nothing but still
-    cost a quarter of the construction, and the checkpoint replaces every value."""
-
-    class _Skeleton(clip_cls):  # type: ignore[misc, valid-type]
-        def initialize_parameters(self) -> None:
-            pass
-
-    return _Skeleton
-
-
-def _build_without_init(
-    clip_mod: types.ModuleType, state_dict: Dict[str, torch.Tensor], args: tuple
-):
-    """What ``build_model`` returns, built without running (or drawing random numbers for)
-    the initialisers whose values the checkpoint overwrites anyway, and without a second copy
-    of the weights: the module (``CLIP(*args)``) is created and cast like ``convert_weights``
-    on the meta device, and the checkpoint's tensors become its parameters and buffers (each
-    cast to the dtype ``build_model`` would give it, laid out contiguously, and copied only
-    where two of them share memory). None if anything is left unmaterialised (an unknown
-    CLIP version)."""
-    model_mod = importlib.import_module(clip_mod.__name__.rsplit(".", 1)[0] + ".model")
-    with torch.device("meta"):
-        model = _skeleton_class(model_mod.CLIP)(*args)
-        model.__class__ = model_mod.CLIP  # the skeleton differs only in its construction
-        model_mod.convert_weights(model)
-    # the text tower's causal mask is a plain attribute, not a buffer: build it for real
-    with torch.device("cpu"):
-        mask = model.build_attention_mask()
-    for block in model.transformer.resblocks:
-        block.attn_mask = mask
-    target = model.state_dict()
-    sd: Dict[str, torch.Tensor] = {}
-    seen: set = set()
-    for k, v in state_dict.items():
-        if k in _NON_WEIGHT_KEYS:
-            continue
-        want = target.get(k)
-        if want is not None and v.dtype != want.dtype:
-            v = v.to(want.dtype)  # as copy_ into the built parameter would round it
-        v = v.contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if v.numel() and ptr in seen:
-            v = v.clone()
-        seen.add(ptr)
-        sd[k] = v
-    model.load_state_dict(sd, assign=True)
-    attributes = [v for m in model.modules() for v in vars(m).values() if torch.is_tensor(v)]
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *attributes)):
-        return None
-    return model.eval()
-
-
-def _memo_path(memo_dir: str, args: tuple, rng_before: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(f"clip-init-rng|{_INIT_MEMO_VERSION}|{torch.__version__}|{args!r}|".encode())
-    h.update(rng_before.numpy().tobytes())
-    return os.path.join(memo_dir, h.hexdigest() + ".rng")
-
-
-def _read_rng_state(path: str, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """A remembered generator state (a SHA-256 of the state, then the state), or None."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    digest, state = data[:32], data[32:]
-    if len(state) != like.numel() or hashlib.sha256(state).digest() != digest:
-        logger.warning(f"Ignoring the damaged random-state memo {path}")
-        return None
-    return torch.frombuffer(bytearray(state), dtype=torch.uint8).clone()
-
-
-def _write_rng_state(path: str, state: torch.Tensor) -> None:
-    from coop.io import atomic_write_bytes
-
-    data = state.numpy().tobytes()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_bytes(path, hashlib.sha256(data).digest() + data)
-
-
-def _build_model_memoised(
-    clip_mod: types.ModuleType, state_dict: Dict[str, torch.Tensor], memo_dir: str
-) -> nn.Module:
-    """``build_model(state_dict)`` with its random initialisers skipped where possible.
-
-    Those initialisers only advance the global torch generator (the checkpoint overwrites
-    their values), and the state they leave it in is a function of the state before and the
-    architecture. It is remembered in ``memo_dir`` the first time (the full build runs) and
-    restored afterwards, so the model and every later random draw (CoOp's context
-    initialisation) are bit-identical to ``build_model``'s.
-    """
-    args = clip_args_from_state_dict(state_dict)
-    before = torch.get_rng_state()
-    path = _memo_path(memo_dir, args, before)
-    after = _read_rng_state(path, before)
-    if after is not None:
-        model = _build_without_init(clip_mod, state_dict, args)
-        if model is not None:
-            torch.set_rng_state(after)
-            return model
-        torch.set_rng_state(before)
-    model = clip_mod.build_model(state_dict)
-    try:
-        _write_rng_state(path, torch.get_rng_state())
-    except OSError as e:  # the memo only saves time; the build itself succeeded
-        logger.warning(f"Could not remember the CLIP build's random state in {memo_dir}: {e}")
-    return model
+# Builds the model from the ``clip.clip`` module and a checkpoint's state dict.
+BuildModel = Callable[[types.ModuleType, Dict[str, torch.Tensor]], nn.Module]
 
 
 def load_clip(
     backbone: str,
     cache_dir: str = "",
     download: Optional[Callable[[str, str], str]] = None,
-    init_memo_dir: str = "",
+    build: Optional[BuildModel] = None,
 ) -> nn.Module:
     """Load CLIP on the CPU exactly as CoOp's ``load_clip_to_cpu``.
 
@@ -460,9 +303,9 @@ def load_clip(
     torch RNG like the original) and then loads the weights strictly. Returned in eval mode
     with the fp16 weights as built; callers decide precision (``.float()`` for fp32/amp).
 
-    With ``init_memo_dir`` the initialisers are skipped when the random state they would
-    leave behind is known from an earlier build (see ``_build_model_memoised``): the same
-    model and the same random stream afterwards, without the time the initialisers take.
+    ``build(clip_module, state_dict)`` replaces ``build_model`` where it must return the same
+    model and leave the torch RNG in the same state (the speed path that skips the
+    initialisers: :func:`coop.fast.clip_init.memoised_builder`).
     """
     clip_mod = import_clip()
     path = resolve_weights(backbone, cache_dir, download)
@@ -479,10 +322,7 @@ def load_clip(
         del jit_model
 
     try:
-        if init_memo_dir:
-            model = _build_model_memoised(clip_mod, state_dict, init_memo_dir)
-        else:
-            model = clip_mod.build_model(state_dict)
+        model = build(clip_mod, state_dict) if build else clip_mod.build_model(state_dict)
     except KeyError as e:
         raise CLIPWeightsError(
             f"{path} does not hold CLIP weights: missing key {e}. Expected an OpenAI CLIP "

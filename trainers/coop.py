@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -21,15 +20,14 @@ from coop.clip_adapter import (
     TextEncoder,
     channels_last_input,
     fold_batch_norms,
-    load_clip,
     suffix_lengths,
     token_length,
     tokenize,
     use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
+from coop.fast import load_clip_for
 from coop.fast.cuda_graphs import GraphedImageEncoder, GraphedTextSide, warn_not_recorded
-from coop.fast.feature_cache import default_cache_dir
 from coop.io import CheckpointError
 from coop.optim import build_lr_scheduler, build_optimizer
 from coop.registry import TRAINER_REGISTRY
@@ -38,15 +36,6 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "fp32", "amp", "bf16")
 POSITIONS = ("end", "middle", "front")
-
-
-def load_clip_for(cfg) -> nn.Module:
-    """Load the configured CLIP backbone on the CPU (fp16 weights, as built)."""
-    logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-    memo = ""
-    if cfg.FAST.ENABLED and cfg.FAST.CLIP_INIT_MEMO:
-        memo = os.path.join(default_cache_dir(cfg.FAST.CACHE_DIR), "clip_init")
-    return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR, init_memo_dir=memo)
 
 
 def channels_last_for(cfg, visual: nn.Module) -> bool:

@@ -10,8 +10,9 @@ import torch
 
 from coop.clip_adapter import channels_last_input, tokenize
 from coop.clip_trainer import CLIPTrainer
+from coop.fast import load_clip_for
 from coop.registry import TRAINER_REGISTRY
-from coop.trainers.coop import channels_last_for, fold_bn_for, load_clip_for
+from coop.trainers.coop import channels_last_for, fold_bn_for
 from coop.trainers.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
 logger = logging.getLogger(__name__)
