@@ -46,15 +46,18 @@ __all__ = [
     "TextEncoder",
     "available_models",
     "clip_dtype",
-    "ctx_dim",
+    "context_length",
     "default_cache_dir",
     "download_weights",
     "embed_dim",
     "get_tokenizer",
+    "image_dtype",
     "import_clip",
     "input_resolution",
     "load_clip",
     "resolve_weights",
+    "text_heads",
+    "text_width",
     "token_length",
     "tokenize",
 ]
@@ -370,76 +373,12 @@ def token_length(text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Model helpers
+# Model facts, read from the model (so another CLIP family can sit behind this adapter)
 
 
 def clip_dtype(clip_model: nn.Module) -> torch.dtype:
     """CLIP's compute dtype (``visual.conv1.weight.dtype``): fp16 as built, fp32 after .float()."""
     return clip_model.dtype
-
-
-def use_channels_last(visual: nn.Module) -> bool:
-    """Store a convolutional (ModifiedResNet) image encoder's weights in channels-last
-    memory format, which convolution kernels on CPUs and GPUs run faster; returns whether
-    it did. Inputs must then be made channels-last too (:func:`channels_last_input`).
-    Vision transformers (one patch convolution) are left as they are."""
-    if not hasattr(visual, "attnpool"):
-        return False
-    visual.to(memory_format=torch.channels_last)
-    return True
-
-
-def _conv_bn_pairs(visual: nn.Module) -> List[Tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d]]:
-    """Every (parent, name of the norm, convolution, batch norm right after it) of a
-    ModifiedResNet: the stem's and each bottleneck's ``conv{i}``/``bn{i}`` and the
-    downsampling ``Sequential(AvgPool2d, Conv2d, BatchNorm2d)``."""
-    pairs = []
-    for module in visual.modules():
-        for i in (1, 2, 3):
-            conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                pairs.append((module, f"bn{i}", conv, bn))
-        if isinstance(module, nn.Sequential):  # its children are named "-1", "0", "1"
-            children = list(module.named_children())
-            for (_, conv), (name, bn) in zip(children, children[1:]):
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    pairs.append((module, name, conv, bn))
-    return pairs
-
-
-def fold_batch_norms(visual: nn.Module) -> bool:
-    """Fold the batch norms of a frozen ResNet image encoder in eval mode into the
-    convolutions before them (in place): ``bn(conv(x)) = conv'(x)`` with the weights scaled
-    by ``gamma / sqrt(var + eps)`` and a bias ``beta - mean * gamma / sqrt(var + eps)``
-    (computed in float64, stored in the weights' dtype), the norms replaced by identities.
-    The same features up to float rounding, without the norms' passes over every activation.
-    Returns whether it folded; vision transformers, and encoders with a norm in training mode
-    or one that does not follow a convolution, are left as they are."""
-    if not hasattr(visual, "attnpool"):
-        return False
-    pairs = _conv_bn_pairs(visual)
-    norms = [m for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not pairs or len(pairs) != len(norms):
-        return False
-    if any(bn.training or bn.running_var is None or conv.groups != 1 for _, _, conv, bn in pairs):
-        return False
-    with torch.no_grad():
-        for parent, name, conv, bn in pairs:
-            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-            shift = bn.bias.double() - bn.running_mean.double() * scale
-            if conv.bias is not None:
-                shift = shift + conv.bias.double() * scale
-            weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-            conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
-            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
-            setattr(parent, name, nn.Identity())
-    if any(isinstance(m, nn.BatchNorm2d) for m in visual.modules()):
-        raise RuntimeError("fold_batch_norms left a batch norm in place")  # never expected
-    return True
-
-
-def channels_last_input(images: torch.Tensor) -> torch.Tensor:
-    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
 def input_resolution(clip_model: nn.Module) -> int:
@@ -452,9 +391,24 @@ def embed_dim(clip_model: nn.Module) -> int:
     return int(clip_model.text_projection.shape[1])
 
 
-def ctx_dim(clip_model: nn.Module) -> int:
-    """Width of the text transformer (size of one prompt token embedding)."""
+def text_width(clip_model: nn.Module) -> int:
+    """Width of the text transformer (size of one prompt token embedding, CoOp's ctx_dim)."""
     return int(clip_model.ln_final.weight.shape[0])
+
+
+def text_heads(clip_model: nn.Module) -> int:
+    """Attention heads of the text transformer's blocks."""
+    return int(clip_model.transformer.resblocks[0].attn.num_heads)
+
+
+def context_length(clip_model: nn.Module) -> int:
+    """Token positions of the text tower (77 for every OpenAI CLIP)."""
+    return int(clip_model.positional_embedding.shape[0])
+
+
+def image_dtype(visual: nn.Module) -> torch.dtype:
+    """The dtype an image encoder computes in (its first convolution's, as CLIP's ``dtype``)."""
+    return visual.conv1.weight.dtype
 
 
 def encode_causal(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,9 @@ def test_load_local_file_matches_source(ckpts, sources, arch, fmt):
     assert not model.training
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert ca.input_resolution(model) == 32
-    assert ca.embed_dim(model) == 64 and ca.ctx_dim(model) == 64
+    assert ca.embed_dim(model) == 64 and ca.text_width(model) == 64
+    assert ca.text_heads(model) == 1 and ca.context_length(model) == 77
+    assert ca.image_dtype(model.visual) == torch.float16
 
     src = sources[arch]
     model = model.float()

@@ -18,16 +18,13 @@ from torch import nn
 from coop.clip_adapter import (
     SharedPrefixTextEncoder,
     TextEncoder,
-    channels_last_input,
-    fold_batch_norms,
     suffix_lengths,
     token_length,
     tokenize,
-    use_channels_last,
 )
 from coop.clip_trainer import CLIPTrainer
-from coop.fast import load_clip_for
-from coop.fast.cuda_graphs import GraphedImageEncoder, GraphedTextSide, warn_not_recorded
+from coop.fast import image_encoder, load_clip_for
+from coop.fast.cuda_graphs import GraphedTextSide, warn_not_recorded
 from coop.io import CheckpointError
 from coop.optim import build_lr_scheduler, build_optimizer
 from coop.registry import TRAINER_REGISTRY
@@ -36,18 +33,6 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "fp32", "amp", "bf16")
 POSITIONS = ("end", "middle", "front")
-
-
-def channels_last_for(cfg, visual: nn.Module) -> bool:
-    """``FAST.CHANNELS_LAST``: store a ResNet image encoder channels-last (in place);
-    returns whether its inputs must be made channels-last too."""
-    return bool(cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(visual))
-
-
-def fold_bn_for(cfg, visual: nn.Module) -> bool:
-    """``FAST.FOLD_BN``: fold a frozen ResNet image encoder's batch norms into its
-    convolutions (in place); returns whether it did."""
-    return bool(cfg.FAST.ENABLED and cfg.FAST.FOLD_BN and fold_batch_norms(visual))
 
 
 class PromptLearner(nn.Module):
@@ -214,7 +199,7 @@ class CustomCLIP(nn.Module):
         super().__init__()
         self.prompt_learner = PromptLearner(cfg, classnames, clip_model)
         self.tokenized_prompts = self.prompt_learner.tokenized_prompts
-        self.image_encoder = clip_model.visual
+        self.image_encoder = image_encoder(cfg, clip_model.visual, cfg.TRAINER.COOP.PREC)
         self.logit_scale = clip_model.logit_scale
         self.dtype = clip_model.dtype
         self._cached_text_features: Optional[torch.Tensor] = None
@@ -232,9 +217,6 @@ class CustomCLIP(nn.Module):
         self.cuda_graphs = graphs_replay_text(cfg)
         self._graphed_text: Optional[GraphedTextSide] = None
         self._record_text = True  # False once recording the text side has failed
-        self._graphed_image: Optional[GraphedImageEncoder] = None
-        self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
-        self.channels_last = channels_last_for(cfg, self.image_encoder)
         # What the fast text paths need of the token ids, read on the host once here and kept
         # on the model's device, so that a training step never waits for the device (the
         # plain path indexes with the CPU ids, as the original does).
@@ -341,20 +323,17 @@ class CustomCLIP(nn.Module):
         finally:
             self._cached_text_features = None
 
+    @property
+    def channels_last(self) -> bool:
+        return self.image_encoder.channels_last
+
+    @property
+    def bn_folded(self) -> bool:
+        return self.image_encoder.bn_folded
+
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features of the frozen encoder, (B, embed_dim)."""
-        image = image.type(self.dtype)
-        if self.channels_last:
-            image = channels_last_input(image)
-        if self.cuda_graphs and image.is_cuda and not torch.is_autocast_enabled():
-            if self._graphed_image is None:
-                self._graphed_image = GraphedImageEncoder(self._image_features_of)
-            return self._graphed_image(image)
-        return self._image_features_of(image)
-
-    def _image_features_of(self, image: torch.Tensor) -> torch.Tensor:
-        image_features = self.image_encoder(image)
-        return image_features / image_features.norm(dim=-1, keepdim=True)
+        return self.image_encoder(image)
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         text_features = self.text_features()

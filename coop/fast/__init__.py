@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 from torch import nn
 
 from coop.clip_adapter import load_clip
 from coop.fast.clip_init import memoised_builder
+from coop.fast.cuda_graphs import cuda_graphs_for
 from coop.fast.feature_cache import default_cache_dir
+from coop.fast.image import ImageEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_clip_for"]
+__all__ = ["ImageEncoder", "cuda_graphs_for", "image_encoder", "load_clip_for"]
 
 
 def load_clip_for(cfg) -> nn.Module:
@@ -30,3 +33,18 @@ def load_clip_for(cfg) -> nn.Module:
     if cfg.FAST.ENABLED and cfg.FAST.CLIP_INIT_MEMO:
         build = memoised_builder(os.path.join(default_cache_dir(cfg.FAST.CACHE_DIR), "clip_init"))
     return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR, build=build)
+
+
+def image_encoder(cfg, visual: nn.Module, prec: Optional[str] = None) -> ImageEncoder:
+    """The frozen CLIP image encoder ``visual`` as ``FAST`` says: ``(B, 3, H, W) -> (B,
+    embed_dim)`` L2-normalised features, with the batch norms folded (``FAST.FOLD_BN``), in
+    channels-last (``FAST.CHANNELS_LAST``) and replayed from CUDA graphs (``FAST.CUDA_GRAPHS``
+    with ``prec`` fp16 or fp32; ``prec`` None: never). ``visual`` is rewritten in place;
+    ``.bn_folded`` and ``.channels_last`` say what was done (the feature caches' keys)."""
+    fast = cfg.FAST
+    return ImageEncoder(
+        visual,
+        fold_bn=fast.ENABLED and fast.FOLD_BN,
+        channels_last=fast.ENABLED and fast.CHANNELS_LAST,
+        cuda_graphs=cuda_graphs_for(cfg, prec),
+    )
