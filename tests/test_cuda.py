@@ -194,7 +194,7 @@ def test_cuda_graph_steps_follow_the_eager_trajectory(tiny_rn, text):
             losses.append(loss.item())
         runs[graphs] = (losses, grads, model.prompt_learner.ctx.detach().clone(), model)
     (le, ge, ce, _), (lg, gg, cg, graphed) = runs[False], runs[True]
-    assert graphed._graphed_text is not None and graphed.image_encoder._graphed is not None
+    assert graphed.text_encoder._graphed is not None and graphed.image_encoder._graphed is not None
     assert len(graphed.image_encoder._graphed._graphs) == 1  # one batch shape, recorded once
     assert lg == pytest.approx(le, rel=1e-5, abs=1e-6)
     for a, b in zip(gg, ge):

@@ -18,10 +18,18 @@ from coop.fast.clip_init import memoised_builder
 from coop.fast.cuda_graphs import cuda_graphs_for
 from coop.fast.feature_cache import default_cache_dir
 from coop.fast.image import ImageEncoder
+from coop.fast.text import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageEncoder", "cuda_graphs_for", "image_encoder", "load_clip_for"]
+__all__ = [
+    "ImageEncoder",
+    "PromptTextEncoder",
+    "cuda_graphs_for",
+    "image_encoder",
+    "load_clip_for",
+    "prompt_text_encoder",
+]
 
 
 def load_clip_for(cfg) -> nn.Module:
@@ -48,3 +56,15 @@ def image_encoder(cfg, visual: nn.Module, prec: Optional[str] = None) -> ImageEn
         channels_last=fast.ENABLED and fast.CHANNELS_LAST,
         cuda_graphs=cuda_graphs_for(cfg, prec),
     )
+
+
+def prompt_text_encoder(
+    cfg, clip_model: nn.Module, prompt_learner: nn.Module, prec: Optional[str] = None
+) -> PromptTextEncoder:
+    """CLIP's frozen text tower for ``prompt_learner``: calling it gives the L2-normalised
+    class text features of the current context, (n_cls, embed_dim), on the text path
+    ``FAST`` chooses per device (plain, truncate or shared_prefix; ``.text_mode``), replayed
+    from CUDA graphs in training steps with ``FAST.CUDA_GRAPHS`` and ``prec`` (the method's
+    ``TRAINER.<NAME>.PREC``) fp16 or fp32; computed once inside ``.frozen()``. The prompt
+    learner's contract is in :class:`~coop.fast.text.PromptTextEncoder`."""
+    return PromptTextEncoder(cfg, clip_model, prompt_learner, prec)
