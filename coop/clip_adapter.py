@@ -1,9 +1,12 @@
-"""The one module that touches OpenAI CLIP's internals.
+"""The CLIP adapter: what ``coop``'s methods need of OpenAI CLIP, in one place.
 
-Everything else in ``coop`` reaches CLIP through this module: importing the package (with a
-``pkg_resources`` shim for setuptools>=82), resolving a backbone name or a local file to a
-checkpoint, building the model exactly as CoOp's ``load_clip_to_cpu`` does (so the torch RNG
-is consumed identically), tokenization, and the text encoder used by the prompt learners.
+Importing the package (with a ``pkg_resources`` shim for setuptools>=82), resolving a
+backbone name or a local file to a checkpoint (downloaded with its SHA256 check), building
+the model exactly as CoOp's ``load_clip_to_cpu`` does (so the torch RNG is consumed
+identically), tokenization, the plain text encoder of the prompt learners, and the model
+facts (widths, heads, context length, input size) read from the model, so that another CLIP
+family can sit behind the same functions. The speed paths, which rewrite parts of the
+encoders, are in :mod:`coop.fast`.
 
 Nothing is imported or loaded at module import time beyond the standard library and torch.
 """
@@ -20,15 +23,7 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    List,
-    Optional,
-    Sequence,
-    Union,
-)
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -405,6 +400,10 @@ def context_length(clip_model: nn.Module) -> int:
 def image_dtype(visual: nn.Module) -> torch.dtype:
     """The dtype an image encoder computes in (its first convolution's, as CLIP's ``dtype``)."""
     return visual.conv1.weight.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The text tower
 
 
 class TextEncoder(nn.Module):

@@ -1,8 +1,18 @@
 """Speed machinery behind the ``FAST`` config node, kept apart from the methods.
 
-Every path here gives the plain computation's numbers up to float rounding, and
-``FAST.ENABLED False`` computes exactly what the original code computes. Methods use it
-through the functions below.
+Every path here gives the plain computation's numbers up to float rounding (each has a test
+that says so), and ``FAST.ENABLED False`` computes exactly what the original code computes.
+Methods use it through the functions below:
+
+- :func:`load_clip_for`: the configured CLIP, built without its random initialisers where
+  their effect is known (:mod:`coop.fast.clip_init`);
+- :func:`image_encoder`: a frozen image encoder with folded batch norms, channels-last and
+  CUDA graphs (:mod:`coop.fast.image`, :mod:`coop.fast.cuda_graphs`);
+- :func:`prompt_text_encoder`: the class text features of a prompt learner on the plain,
+  truncated or shared-prefix text path (:mod:`coop.fast.text`, :mod:`coop.fast.shared_prefix`).
+
+The disk caches of frozen image features (:mod:`coop.fast.feature_cache`) are used by the
+trainer base, :class:`coop.clip_trainer.CLIPTrainer`.
 """
 
 from __future__ import annotations
