@@ -162,7 +162,8 @@ class PromptTextEncoder(nn.Module):
       (shaped like ``ctx``; the CUDA-graph path passes its own copy).
 
     The shared prefix applies where ``ctx`` is (n_ctx, D) and ``class_token_position`` is
-    "end", so that every prompt begins with ``token_prefix[0]`` and ``ctx``. The prompt
+    "end": every prompt then begins with ``token_prefix[0]`` and ``ctx`` (``token_prefix``
+    must be the same for every class, as CoOp's start token is). The prompt
     learner is not a submodule: its owner holds it (and moves, trains and saves it); the
     frozen text tower's modules are (shared with the CLIP model).
     """
