@@ -8,9 +8,17 @@ The top-level folders ``trainers/``, ``datasets/`` and ``configs/`` are installe
 from setuptools import setup
 
 setup(
-    packages=["coop", "coop.testing", "coop.trainers", "coop.datasets", "coop.configs"],
+    packages=[
+        "coop",
+        "coop.fast",
+        "coop.testing",
+        "coop.trainers",
+        "coop.datasets",
+        "coop.configs",
+    ],
     package_dir={
         "coop": "coop",
+        "coop.fast": "coop/fast",
         "coop.testing": "coop/testing",
         "coop.trainers": "trainers",
         "coop.datasets": "datasets",

@@ -1,17 +1,18 @@
-"""The one module that touches OpenAI CLIP's internals.
+"""The CLIP adapter: what ``coop``'s methods need of OpenAI CLIP, in one place.
 
-Everything else in ``coop`` reaches CLIP through this module: importing the package (with a
-``pkg_resources`` shim for setuptools>=82), resolving a backbone name or a local file to a
-checkpoint, building the model exactly as CoOp's ``load_clip_to_cpu`` does (so the torch RNG
-is consumed identically), tokenization, and the text encoder used by the prompt learners.
+Importing the package (with a ``pkg_resources`` shim for setuptools>=82), resolving a
+backbone name or a local file to a checkpoint (downloaded with its SHA256 check), building
+the model exactly as CoOp's ``load_clip_to_cpu`` does (so the torch RNG is consumed
+identically), tokenization, the plain text encoder of the prompt learners, and the model
+facts (widths, heads, context length, input size) read from the model, so that another CLIP
+family can sit behind the same functions. The speed paths, which rewrite parts of the
+encoders, are in :mod:`coop.fast`.
 
 Nothing is imported or loaded at module import time beyond the standard library and torch.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import http.client
 import importlib
 import importlib.util
@@ -22,20 +23,9 @@ import sys
 import tempfile
 import types
 import warnings
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    List,
-    NamedTuple,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
-)
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from coop.io import sha256_file
@@ -47,15 +37,18 @@ __all__ = [
     "TextEncoder",
     "available_models",
     "clip_dtype",
-    "ctx_dim",
+    "context_length",
     "default_cache_dir",
     "download_weights",
     "embed_dim",
     "get_tokenizer",
+    "image_dtype",
     "import_clip",
     "input_resolution",
     "load_clip",
     "resolve_weights",
+    "text_heads",
+    "text_width",
     "token_length",
     "tokenize",
 ]
@@ -286,171 +279,15 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return obj
 
 
-# --------------------------------------------------------------------------------------------
-# Building CLIP without running its random initialisers
-
-_INIT_MEMO_VERSION = 1
-_NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def clip_args_from_state_dict(state_dict: Dict[str, torch.Tensor]) -> tuple:
-    """The positional arguments of ``clip.model.CLIP`` that ``build_model`` infers from a
-    checkpoint's state dict (embed dim, resolution, vision layers, vision width, patch size or
-    None for a ResNet, context length, vocab size, text width, text heads, text layers)."""
-    sd = state_dict
-    if "visual.proj" in sd:
-        width = sd["visual.conv1.weight"].shape[0]
-        layers: Any = len(
-            [k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]
-        )
-        patch: Optional[int] = sd["visual.conv1.weight"].shape[-1]
-        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        resolution = patch * grid
-    else:
-        layers = tuple(
-            len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}")})
-            for b in (1, 2, 3, 4)
-        )
-        width = sd["visual.layer1.0.conv1.weight"].shape[0]
-        out_width = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        if out_width**2 + 1 != sd["visual.attnpool.positional_embedding"].shape[0]:
-            raise ValueError("visual.attnpool.positional_embedding is not a square grid + 1")
-        patch = None
-        resolution = out_width * 32
-    text_width = sd["ln_final.weight"].shape[0]
-    text_layers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks")})
-    return (
-        sd["text_projection"].shape[1],
-        resolution,
-        layers,
-        width,
-        patch,
-        sd["positional_embedding"].shape[0],
-        sd["token_embedding.weight"].shape[0],
-        text_width,
-        text_width // 64,
-        text_layers,
-    )
-
-
-@functools.cache
-def _skeleton_class(clip_cls: type) -> type:
-    """``clip_cls`` whose ``initialize_parameters`` (CLIP's own initialisers, called at the
-    end of its constructor) does nothing: on the meta device they draw nothing but still
-    cost a quarter of the construction, and the checkpoint replaces every value."""
-
-    class _Skeleton(clip_cls):  # type: ignore[misc, valid-type]
-        def initialize_parameters(self) -> None:
-            pass
-
-    return _Skeleton
-
-
-def _build_without_init(
-    clip_mod: types.ModuleType, state_dict: Dict[str, torch.Tensor], args: tuple
-):
-    """What ``build_model`` returns, built without running (or drawing random numbers for)
-    the initialisers whose values the checkpoint overwrites anyway, and without a second copy
-    of the weights: the module (``CLIP(*args)``) is created and cast like ``convert_weights``
-    on the meta device, and the checkpoint's tensors become its parameters and buffers (each
-    cast to the dtype ``build_model`` would give it, laid out contiguously, and copied only
-    where two of them share memory). None if anything is left unmaterialised (an unknown
-    CLIP version)."""
-    model_mod = importlib.import_module(clip_mod.__name__.rsplit(".", 1)[0] + ".model")
-    with torch.device("meta"):
-        model = _skeleton_class(model_mod.CLIP)(*args)
-        model.__class__ = model_mod.CLIP  # the skeleton differs only in its construction
-        model_mod.convert_weights(model)
-    # the text tower's causal mask is a plain attribute, not a buffer: build it for real
-    with torch.device("cpu"):
-        mask = model.build_attention_mask()
-    for block in model.transformer.resblocks:
-        block.attn_mask = mask
-    target = model.state_dict()
-    sd: Dict[str, torch.Tensor] = {}
-    seen: set = set()
-    for k, v in state_dict.items():
-        if k in _NON_WEIGHT_KEYS:
-            continue
-        want = target.get(k)
-        if want is not None and v.dtype != want.dtype:
-            v = v.to(want.dtype)  # as copy_ into the built parameter would round it
-        v = v.contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if v.numel() and ptr in seen:
-            v = v.clone()
-        seen.add(ptr)
-        sd[k] = v
-    model.load_state_dict(sd, assign=True)
-    attributes = [v for m in model.modules() for v in vars(m).values() if torch.is_tensor(v)]
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers(), *attributes)):
-        return None
-    return model.eval()
-
-
-def _memo_path(memo_dir: str, args: tuple, rng_before: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(f"clip-init-rng|{_INIT_MEMO_VERSION}|{torch.__version__}|{args!r}|".encode())
-    h.update(rng_before.numpy().tobytes())
-    return os.path.join(memo_dir, h.hexdigest() + ".rng")
-
-
-def _read_rng_state(path: str, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """A remembered generator state (a SHA-256 of the state, then the state), or None."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    digest, state = data[:32], data[32:]
-    if len(state) != like.numel() or hashlib.sha256(state).digest() != digest:
-        logger.warning(f"Ignoring the damaged random-state memo {path}")
-        return None
-    return torch.frombuffer(bytearray(state), dtype=torch.uint8).clone()
-
-
-def _write_rng_state(path: str, state: torch.Tensor) -> None:
-    from coop.io import atomic_write_bytes
-
-    data = state.numpy().tobytes()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_bytes(path, hashlib.sha256(data).digest() + data)
-
-
-def _build_model_memoised(
-    clip_mod: types.ModuleType, state_dict: Dict[str, torch.Tensor], memo_dir: str
-) -> nn.Module:
-    """``build_model(state_dict)`` with its random initialisers skipped where possible.
-
-    Those initialisers only advance the global torch generator (the checkpoint overwrites
-    their values), and the state they leave it in is a function of the state before and the
-    architecture. It is remembered in ``memo_dir`` the first time (the full build runs) and
-    restored afterwards, so the model and every later random draw (CoOp's context
-    initialisation) are bit-identical to ``build_model``'s.
-    """
-    args = clip_args_from_state_dict(state_dict)
-    before = torch.get_rng_state()
-    path = _memo_path(memo_dir, args, before)
-    after = _read_rng_state(path, before)
-    if after is not None:
-        model = _build_without_init(clip_mod, state_dict, args)
-        if model is not None:
-            torch.set_rng_state(after)
-            return model
-        torch.set_rng_state(before)
-    model = clip_mod.build_model(state_dict)
-    try:
-        _write_rng_state(path, torch.get_rng_state())
-    except OSError as e:  # the memo only saves time; the build itself succeeded
-        logger.warning(f"Could not remember the CLIP build's random state in {memo_dir}: {e}")
-    return model
+# Builds the model from the ``clip.clip`` module and a checkpoint's state dict.
+BuildModel = Callable[[types.ModuleType, Dict[str, torch.Tensor]], nn.Module]
 
 
 def load_clip(
     backbone: str,
     cache_dir: str = "",
     download: Optional[Callable[[str, str], str]] = None,
-    init_memo_dir: str = "",
+    build: Optional[BuildModel] = None,
 ) -> nn.Module:
     """Load CLIP on the CPU exactly as CoOp's ``load_clip_to_cpu``.
 
@@ -460,9 +297,9 @@ def load_clip(
     torch RNG like the original) and then loads the weights strictly. Returned in eval mode
     with the fp16 weights as built; callers decide precision (``.float()`` for fp32/amp).
 
-    With ``init_memo_dir`` the initialisers are skipped when the random state they would
-    leave behind is known from an earlier build (see ``_build_model_memoised``): the same
-    model and the same random stream afterwards, without the time the initialisers take.
+    ``build(clip_module, state_dict)`` replaces ``build_model`` where it must return the same
+    model and leave the torch RNG in the same state (the speed path that skips the
+    initialisers: :func:`coop.fast.clip_init.memoised_builder`).
     """
     clip_mod = import_clip()
     path = resolve_weights(backbone, cache_dir, download)
@@ -479,10 +316,7 @@ def load_clip(
         del jit_model
 
     try:
-        if init_memo_dir:
-            model = _build_model_memoised(clip_mod, state_dict, init_memo_dir)
-        else:
-            model = clip_mod.build_model(state_dict)
+        model = build(clip_mod, state_dict) if build else clip_mod.build_model(state_dict)
     except KeyError as e:
         raise CLIPWeightsError(
             f"{path} does not hold CLIP weights: missing key {e}. Expected an OpenAI CLIP "
@@ -530,76 +364,12 @@ def token_length(text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Model helpers
+# Model facts, read from the model (so another CLIP family can sit behind this adapter)
 
 
 def clip_dtype(clip_model: nn.Module) -> torch.dtype:
     """CLIP's compute dtype (``visual.conv1.weight.dtype``): fp16 as built, fp32 after .float()."""
     return clip_model.dtype
-
-
-def use_channels_last(visual: nn.Module) -> bool:
-    """Store a convolutional (ModifiedResNet) image encoder's weights in channels-last
-    memory format, which convolution kernels on CPUs and GPUs run faster; returns whether
-    it did. Inputs must then be made channels-last too (:func:`channels_last_input`).
-    Vision transformers (one patch convolution) are left as they are."""
-    if not hasattr(visual, "attnpool"):
-        return False
-    visual.to(memory_format=torch.channels_last)
-    return True
-
-
-def _conv_bn_pairs(visual: nn.Module) -> List[Tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d]]:
-    """Every (parent, name of the norm, convolution, batch norm right after it) of a
-    ModifiedResNet: the stem's and each bottleneck's ``conv{i}``/``bn{i}`` and the
-    downsampling ``Sequential(AvgPool2d, Conv2d, BatchNorm2d)``."""
-    pairs = []
-    for module in visual.modules():
-        for i in (1, 2, 3):
-            conv, bn = getattr(module, f"conv{i}", None), getattr(module, f"bn{i}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                pairs.append((module, f"bn{i}", conv, bn))
-        if isinstance(module, nn.Sequential):  # its children are named "-1", "0", "1"
-            children = list(module.named_children())
-            for (_, conv), (name, bn) in zip(children, children[1:]):
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    pairs.append((module, name, conv, bn))
-    return pairs
-
-
-def fold_batch_norms(visual: nn.Module) -> bool:
-    """Fold the batch norms of a frozen ResNet image encoder in eval mode into the
-    convolutions before them (in place): ``bn(conv(x)) = conv'(x)`` with the weights scaled
-    by ``gamma / sqrt(var + eps)`` and a bias ``beta - mean * gamma / sqrt(var + eps)``
-    (computed in float64, stored in the weights' dtype), the norms replaced by identities.
-    The same features up to float rounding, without the norms' passes over every activation.
-    Returns whether it folded; vision transformers, and encoders with a norm in training mode
-    or one that does not follow a convolution, are left as they are."""
-    if not hasattr(visual, "attnpool"):
-        return False
-    pairs = _conv_bn_pairs(visual)
-    norms = [m for m in visual.modules() if isinstance(m, nn.BatchNorm2d)]
-    if not pairs or len(pairs) != len(norms):
-        return False
-    if any(bn.training or bn.running_var is None or conv.groups != 1 for _, _, conv, bn in pairs):
-        return False
-    with torch.no_grad():
-        for parent, name, conv, bn in pairs:
-            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-            shift = bn.bias.double() - bn.running_mean.double() * scale
-            if conv.bias is not None:
-                shift = shift + conv.bias.double() * scale
-            weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-            conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
-            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
-            setattr(parent, name, nn.Identity())
-    if any(isinstance(m, nn.BatchNorm2d) for m in visual.modules()):
-        raise RuntimeError("fold_batch_norms left a batch norm in place")  # never expected
-    return True
-
-
-def channels_last_input(images: torch.Tensor) -> torch.Tensor:
-    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
 def input_resolution(clip_model: nn.Module) -> int:
@@ -612,58 +382,48 @@ def embed_dim(clip_model: nn.Module) -> int:
     return int(clip_model.text_projection.shape[1])
 
 
-def ctx_dim(clip_model: nn.Module) -> int:
-    """Width of the text transformer (size of one prompt token embedding)."""
+def text_width(clip_model: nn.Module) -> int:
+    """Width of the text transformer (size of one prompt token embedding, CoOp's ctx_dim)."""
     return int(clip_model.ln_final.weight.shape[0])
 
 
-def encode_causal(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """CLIP's text transformer over ``x`` (n, L, D), batch first, under its causal mask.
+def text_heads(clip_model: nn.Module) -> int:
+    """Attention heads of the text transformer's blocks."""
+    return int(clip_model.transformer.resblocks[0].attn.num_heads)
 
-    The same computation as ``transformer(x.permute(1, 0, 2))`` with CLIP's (77, 77) causal
-    mask cut to L, written with fewer operations: each block's packed query/key/value
-    projection is split into heads by views and attended with
-    ``scaled_dot_product_attention(is_causal=True)``, without ``nn.MultiheadAttention``'s
-    layout copies and without the mask (CLIP keeps it on the CPU and copies it to the
-    activations' device in every block: on a GPU a blocking copy from host memory). About a
-    third fewer operations in the forward and backward than the original text tower (821
-    against 1290 ATen calls at 12 layers and 100 classes), and operations are what bound a
-    GPU step with a few hundred classes (benchmarks/README.md); equal to it up to float
-    rounding. Nothing is read back from the device."""
-    n, length, d = x.shape
-    for block in transformer.resblocks:
-        heads = block.attn.num_heads
-        h = block.ln_1(x)
-        qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
-        q, k, v = qkv.view(n, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, heads, L, d / heads)
-        a = a.transpose(1, 2).reshape(n, length, d)
-        x = x + F.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
-        x = x + block.mlp(block.ln_2(x))
-    return x
+
+def context_length(clip_model: nn.Module) -> int:
+    """Token positions of the text tower (77 for every OpenAI CLIP)."""
+    return int(clip_model.positional_embedding.shape[0])
+
+
+def image_dtype(visual: nn.Module) -> torch.dtype:
+    """The dtype an image encoder computes in (its first convolution's, as CLIP's ``dtype``)."""
+    return visual.conv1.weight.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The text tower
 
 
 class TextEncoder(nn.Module):
-    """CLIP's text tower applied to prompt embeddings (CoOp's TextEncoder).
+    """CLIP's text tower applied to prompt embeddings (CoOp's TextEncoder, the original
+    computation).
 
     ``forward(prompts (n, 77, D), tokenized_prompts (n, 77)) -> (n, embed_dim)``; the feature
-    is taken at the EOT token (the largest id). With ``eot_truncate`` the transformer runs only
-    on the first ``max(EOT index) + 1`` positions: the causal mask makes later positions
-    irrelevant to the EOT feature, so the result equals the plain path up to float rounding.
+    is taken at the EOT token (the largest id). The faster text paths (:mod:`coop.fast.text`)
+    build on it.
     """
 
-    def __init__(self, clip_model: nn.Module, eot_truncate: bool = False) -> None:
+    def __init__(self, clip_model: nn.Module) -> None:
         super().__init__()
         self.transformer = clip_model.transformer
         self.positional_embedding = clip_model.positional_embedding
         self.ln_final = clip_model.ln_final
         self.text_projection = clip_model.text_projection
         self.dtype = clip_model.dtype
-        self.eot_truncate = eot_truncate
 
     def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
-        if self.eot_truncate:
-            return self.forward_truncated(prompts, tokenized_prompts)
         x = prompts + self.positional_embedding.type(self.dtype)
         x = x.permute(1, 0, 2)  # NLD -> LND
         x = self.transformer(x)
@@ -672,254 +432,3 @@ class TextEncoder(nn.Module):
         # (n, D) rows at the EOT token, projected to (n, embed_dim)
         x = x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
         return x
-
-    def forward_truncated(
-        self,
-        prompts: torch.Tensor,
-        tokenized_prompts: torch.Tensor,
-        length: Optional[int] = None,
-    ) -> torch.Tensor:
-        """The EOT features computed over the first ``length`` positions only (default: up to
-        the last EOT token). With ``length`` given and ``tokenized_prompts`` on the prompts'
-        device, nothing waits for the device: no value is read back to the host, and nothing is
-        copied from host memory (the attention is causal without CLIP's mask; see
-        :func:`encode_causal`)."""
-        eot = tokenized_prompts.argmax(dim=-1)  # (n,)
-        if length is None:
-            length = int(eot.max()) + 1
-        x = prompts[:, :length] + self.positional_embedding[:length].type(self.dtype)
-        x = encode_causal(self.transformer, x)  # (n, L, D), L = length
-        x = self.ln_final(x).type(self.dtype)
-        rows = torch.arange(x.shape[0], device=x.device)
-        x = x[rows, eot.to(x.device)] @ self.text_projection
-        return x
-
-
-def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(n, S, D) -> (n, heads, S, D / heads)."""
-    n, s, d = t.shape
-    return t.reshape(n, s, heads, d // heads).transpose(1, 2)
-
-
-def _merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """(n, heads, S, hd) -> (n, S, heads * hd)."""
-    n, h, s, hd = t.shape
-    return t.transpose(1, 2).reshape(n, s, h * hd)
-
-
-# Query rows per attention problem of the class suffixes: consecutive classes are packed into
-# blocks of this many token rows (a class longer than that gets a block of its own length),
-# attended to at once under a block-diagonal causal mask; far fewer and larger problems than
-# one per class.
-_SUFFIX_BLOCK_ROWS = 24
-
-
-class _SuffixBlocks(NamedTuple):
-    """Where the packed class suffixes sit in the attention blocks (see
-    :func:`_suffix_blocks`)."""
-
-    nb: int  # blocks
-    rows: torch.Tensor  # (nb * R,) row of cat(prefix, suffixes) in each block slot
-    slots: torch.Tensor  # (T,) the block slot of each packed suffix row
-    mask: torch.Tensor  # (nb, 1, R, P + R) bool: what each slot's query may attend to
-    last_rows: torch.Tensor  # (n,) row of each class's last token
-    last_query_rows: torch.Tensor  # (nb * C,) the same, laid out per block (C classes max)
-    last_slots: torch.Tensor  # (n,) each class's position in that layout
-    last_mask: torch.Tensor  # (nb, 1, C, P + R) bool
-
-
-@functools.lru_cache(maxsize=64)
-def _suffix_blocks(lengths: Tuple[int, ...], p: int, block_rows: int, device: str) -> _SuffixBlocks:
-    """Pack classes (suffix ``lengths``, after a prefix of ``p`` rows) greedily, in order,
-    into blocks of ``R = max(block_rows, longest)`` slots. A query slot may attend to every
-    prefix key and, causally, to the keys of its own class; empty slots read row 0, are never
-    attended to, and their outputs are dropped. Built outside inference mode (the tensors are
-    reused by later passes that record gradients)."""
-    with torch.inference_mode(False):
-        r = max(block_rows, max(lengths))
-        block, offset, first_of_block = [], [], []
-        b, used = 0, 0
-        for k, length in enumerate(lengths):
-            if k == 0 or used + length > r:
-                if k:
-                    b, used = b + 1, 0
-                first_of_block.append(k)
-            block.append(b)
-            offset.append(used)
-            used += length
-        nb = b + 1
-        dev = torch.device(device)
-        ln = torch.tensor(lengths)
-        n, t = len(lengths), int(ln.sum())
-        cls = torch.repeat_interleave(torch.arange(n), ln)  # class of each packed row
-        start = torch.cumsum(ln, 0) - ln
-        pos = torch.arange(t) - start[cls]  # position of each packed row within its class
-        slots = torch.tensor(block)[cls] * r + torch.tensor(offset)[cls] + pos
-        rows = torch.zeros(nb * r, dtype=torch.long)
-        rows[slots] = p + torch.arange(t)
-        slot_cls = torch.full((nb * r,), -1, dtype=torch.long)
-        slot_cls[slots] = cls
-        slot_pos = torch.zeros(nb * r, dtype=torch.long)
-        slot_pos[slots] = pos
-        sc, sp = slot_cls.view(nb, r), slot_pos.view(nb, r)
-        filled = (sc >= 0)[:, None, :]
-        own = (sc[:, :, None] == sc[:, None, :]) & (sp[:, :, None] >= sp[:, None, :]) & filled
-        mask = torch.cat([torch.ones(nb, r, p, dtype=torch.bool), own], dim=-1).unsqueeze(1)
-        # the last layer: one query per class, at its last token, C per block
-        index_in_block = torch.arange(n) - torch.tensor(first_of_block)[torch.tensor(block)]
-        c = int(index_in_block.max()) + 1
-        last_rows = p + start + ln - 1
-        last_slots = torch.tensor(block) * c + index_in_block
-        last_query_rows = torch.zeros(nb * c, dtype=torch.long)
-        last_query_rows[last_slots] = last_rows
-        query_cls = torch.full((nb * c,), -2, dtype=torch.long)  # -2: an empty query slot
-        query_cls[last_slots] = torch.arange(n)
-        own_last = (query_cls.view(nb, c)[:, :, None] == sc[:, None, :]) & filled
-        last_mask = torch.cat([torch.ones(nb, c, p, dtype=torch.bool), own_last], dim=-1)
-        return _SuffixBlocks(
-            nb=nb,
-            rows=rows.to(dev),
-            slots=slots.to(dev),
-            mask=mask.to(dev),
-            last_rows=last_rows.to(dev),
-            last_query_rows=last_query_rows.to(dev),
-            last_slots=last_slots.to(dev),
-            last_mask=last_mask.unsqueeze(1).to(dev),
-        )
-
-
-@functools.lru_cache(maxsize=64)
-def _pack_index(lengths: Tuple[int, ...], device: str) -> torch.Tensor:
-    """Rows of the (n * max(lengths)) padded suffix rows that belong to a class, in order:
-    the packing of the suffixes as a gather with a fixed index (a boolean mask would read
-    its count back to the host). Built outside inference mode, like :func:`_suffix_blocks`."""
-    with torch.inference_mode(False):
-        lm = max(lengths)
-        idx = [i * lm + j for i, length in enumerate(lengths) for j in range(length)]
-        return torch.tensor(idx, dtype=torch.long).to(torch.device(device))
-
-
-def suffix_lengths(tokenized_prompts: torch.Tensor, prefix_len: int) -> Tuple[int, ...]:
-    """Each prompt's token count after a shared prefix of ``prefix_len`` tokens, up to and
-    including its end-of-text token (read on the host once, not every step)."""
-    eot = tokenized_prompts.argmax(dim=-1)
-    if int(eot.min()) < prefix_len:
-        raise ValueError("an end-of-text token lies inside the shared prefix")
-    return tuple(int(v) for v in (eot - prefix_len + 1).tolist())
-
-
-def encode_shared_prefix(
-    transformer: nn.Module, x_p: torch.Tensor, x_s: torch.Tensor, lengths: Sequence[int]
-) -> torch.Tensor:
-    """The last layer's outputs at each class's last position, (n, D), of prompts made of a
-    shared prefix followed by per-class suffixes, under CLIP's causal mask.
-
-    ``x_p`` (P, D) is the prefix's input (embeddings plus positions), ``x_s`` (T, D) the
-    suffixes' inputs packed one class after another, ``lengths`` the n suffix lengths (summing
-    to T). Prefix and suffix rows go through every per-token operation (layer norms,
-    projections, MLP) together, once per layer. The attention runs twice per layer: once for
-    the prefix (causal), and once for all the classes, packed in blocks of rows; a token
-    attends to the prefix's keys and values and, causally, to its own class's. In the last
-    layer only each class's last position is computed beyond its key and value.
-    """
-    p, d = x_p.shape
-    blk = _suffix_blocks(tuple(int(v) for v in lengths), p, _SUFFIX_BLOCK_ROWS, str(x_s.device))
-    nb = blk.nb
-
-    x = torch.cat([x_p, x_s])
-    blocks = list(transformer.resblocks)
-    for i, block in enumerate(blocks):
-        final = i + 1 == len(blocks)
-        heads = block.attn.num_heads
-        w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-        h = block.ln_1(x)
-        if final:  # only the last positions' outputs are used
-            k, v = F.linear(h, w[d:], b[d:]).chunk(2, dim=-1)
-        else:
-            q, k, v = F.linear(h, w, b).chunk(3, dim=-1)
-        # (index_select, whose backward is a plain index_add, rather than indexing)
-        k_s = torch.cat([k[:p].expand(nb, p, d), k.index_select(0, blk.rows).view(nb, -1, d)], 1)
-        v_s = torch.cat([v[:p].expand(nb, p, d), v.index_select(0, blk.rows).view(nb, -1, d)], 1)
-        k_s, v_s = _split_heads(k_s, heads), _split_heads(v_s, heads)
-        if final:
-            q_l = F.linear(h.index_select(0, blk.last_query_rows), w[:d], b[:d])
-            q_l = _split_heads(q_l.view(nb, -1, d), heads)
-            a_l = F.scaled_dot_product_attention(q_l, k_s, v_s, attn_mask=blk.last_mask)
-            att = _merge_heads(a_l).reshape(-1, d).index_select(0, blk.last_slots)
-            x = x.index_select(0, blk.last_rows)
-        else:
-            a_p = F.scaled_dot_product_attention(
-                _split_heads(q[None, :p], heads),
-                _split_heads(k[None, :p], heads),
-                _split_heads(v[None, :p], heads),
-                is_causal=True,
-            )
-            a_s = F.scaled_dot_product_attention(
-                _split_heads(q.index_select(0, blk.rows).view(nb, -1, d), heads),
-                k_s,
-                v_s,
-                attn_mask=blk.mask,
-            )
-            a_s = _merge_heads(a_s).reshape(-1, d).index_select(0, blk.slots)
-            att = torch.cat([_merge_heads(a_p)[0], a_s])
-        x = x + F.linear(att, block.attn.out_proj.weight, block.attn.out_proj.bias)
-        x = x + block.mlp(block.ln_2(x))
-    return x
-
-
-class SharedPrefixTextEncoder(TextEncoder):
-    """CLIP's text tower for prompts that share their first ``P`` token embeddings.
-
-    With a unified context and the class token at the end, the start token and the context
-    tokens are the same for every class, and under the causal mask so are their hidden
-    states. They are computed once; each class then runs only over its own tokens up to its
-    end-of-text token, attending to the prefix's keys and values. Gradients flow to the
-    prefix (the learnable context). ``class_chunk`` > 0 processes the classes in chunks with
-    activation checkpointing, bounding memory for many classes. Equal to
-    :class:`TextEncoder` up to float rounding.
-    """
-
-    def __init__(self, clip_model: nn.Module, class_chunk: int = 0) -> None:
-        super().__init__(clip_model)
-        self.class_chunk = class_chunk
-
-    def forward(  # type: ignore[override]
-        self,
-        prefix: torch.Tensor,
-        suffix: torch.Tensor,
-        tokenized_prompts: torch.Tensor,
-        lengths: Optional[Tuple[int, ...]] = None,
-    ) -> torch.Tensor:
-        """``prefix`` (P, D) shared embeddings, ``suffix`` (n, 77 - P, D) per-class
-        embeddings, ``tokenized_prompts`` (n, 77) -> text features (n, embed_dim).
-        ``lengths``: :func:`suffix_lengths` of the prompts, computed once by the caller; with
-        them nothing in the pass reads a value back from the device."""
-        p, d = prefix.shape
-        pos = self.positional_embedding.type(self.dtype)
-        if lengths is None:
-            lengths = suffix_lengths(tokenized_prompts, p)
-        x_p = prefix + pos[:p]
-        # each class runs only up to its own end-of-text token
-        n = len(lengths)
-        chunked = bool(self.class_chunk) and torch.is_grad_enabled() and n > self.class_chunk
-        step = self.class_chunk if chunked else n
-
-        def run(x_prefix: torch.Tensor, a: int, b: int) -> torch.Tensor:
-            # classes a..b-1 -> their features at the end-of-text tokens, (b - a, embed_dim)
-            lens = tuple(lengths[a:b])
-            lm = max(lens)
-            padded = suffix[a:b, :lm] + pos[p : p + lm]
-            # packed, one class after another
-            x_s = padded.reshape(-1, d).index_select(0, _pack_index(lens, str(suffix.device)))
-            h = encode_shared_prefix(self.transformer, x_prefix, x_s, lens)
-            return self.ln_final(h).type(self.dtype) @ self.text_projection
-
-        if not chunked:
-            return run(x_p, 0, n)
-        from torch.utils.checkpoint import checkpoint
-
-        outs = [
-            checkpoint(run, x_p, a, min(a + step, n), use_reentrant=False)
-            for a in range(0, n, step)
-        ]
-        return torch.cat(outs)

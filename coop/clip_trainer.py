@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from coop.config import ConfigError
-from coop.feature_cache import (
+from coop.fast.feature_cache import (
     TRAIN_VIEWS_FORMAT,
     FeatureCache,
     SeededViews,
@@ -151,7 +151,7 @@ class CLIPTrainer:
     def build_model(self) -> None:
         """Load CLIP in the method's precision, build the method's model, train only its
         ``learnable`` part (the official CoOp trainer's ``build_model``)."""
-        from coop.trainers.coop import load_clip_for
+        from coop.fast import load_clip_for
 
         cfg = self.cfg
         prec = self.precision

@@ -145,8 +145,8 @@ def test_fast_opts_reach_the_fast_models_only(tmp_path):
     shape = bench.Shape("tiny", (0, 32), 2, 2)  # only the resolution is read
     fast, _ = bench.build_coop(plan, clip, shape, ["a", "b c"], fast=True)
     plain, _ = bench.build_coop(plan, clip, shape, ["a", "b c"], fast=False)
-    assert fast.text_mode == "truncate" and fast.cuda_graphs
-    assert plain.text_mode == "plain" and not plain.cuda_graphs
+    assert fast.text_mode == "truncate" and fast.text_encoder.cuda_graphs
+    assert plain.text_mode == "plain" and not plain.text_encoder.cuda_graphs
     assert "fast opts FAST.TEXT truncate FAST.CUDA_GRAPHS True" in bench.machine_line(plan)
 
 

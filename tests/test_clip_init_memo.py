@@ -1,4 +1,5 @@
-"""Building CLIP without its random initialisers gives the same model and random stream."""
+"""Building CLIP without its random initialisers (coop.fast.clip_init) gives the same model and
+random stream."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 from helpers_train import coop_argv, read_results
 
-from coop import clip_adapter
-from coop.clip_adapter import clip_args_from_state_dict, import_clip, load_clip
+from coop.clip_adapter import import_clip, load_clip
+from coop.fast import clip_init
+from coop.fast.clip_init import clip_args_from_state_dict, memoised_builder
 from coop.testing.tiny_clip import tiny_clip_args, tiny_clip_state_dict
 from coop.train import main
 
@@ -19,7 +21,7 @@ from coop.train import main
 def _build(path, seed, memo=""):
     """(model, generator state after the build, the next random draw)."""
     torch.manual_seed(seed)
-    model = load_clip(path, init_memo_dir=memo)
+    model = load_clip(path, build=memoised_builder(memo) if memo else None)
     state = torch.get_rng_state()
     return model, state, torch.randn(8)
 
@@ -122,7 +124,7 @@ def test_unwritable_memo_folder_only_warns(tiny_vit, tmp_path, caplog):
 def test_unknown_clip_version_falls_back_to_the_full_build(tiny_vit, tmp_path, monkeypatch):
     memo = str(tmp_path / "memo")
     _build(tiny_vit, 6, memo)
-    monkeypatch.setattr(clip_adapter, "_build_without_init", lambda *a: None)
+    monkeypatch.setattr(clip_init, "_build_without_init", lambda *a: None)
     model, state, draw = _build(tiny_vit, 6, memo)
     plain, state_plain, draw_plain = _build(tiny_vit, 6)
     assert torch.equal(state, state_plain) and torch.equal(draw, draw_plain)
@@ -166,7 +168,7 @@ def test_build_without_init_takes_over_the_checkpoint_tensors_safely(arch):
         torch.manual_seed(0)
         plain = clip_mod.build_model(copy.deepcopy(source))
         args = clip_args_from_state_dict(source)
-        fast = clip_adapter._build_without_init(clip_mod, dict(source), args)
+        fast = clip_init._build_without_init(clip_mod, dict(source), args)
         _assert_same_model(plain, fast)
         # linear weights are fp16 as build_model's convert_weights leaves them
         assert fast.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float16

@@ -194,8 +194,8 @@ def test_cuda_graph_steps_follow_the_eager_trajectory(tiny_rn, text):
             losses.append(loss.item())
         runs[graphs] = (losses, grads, model.prompt_learner.ctx.detach().clone(), model)
     (le, ge, ce, _), (lg, gg, cg, graphed) = runs[False], runs[True]
-    assert graphed._graphed_text is not None and graphed._graphed_image is not None
-    assert len(graphed._graphed_image._graphs) == 1  # one batch shape, recorded once
+    assert graphed.text_encoder._graphed is not None and graphed.image_encoder._graphed is not None
+    assert len(graphed.image_encoder._graphed._graphs) == 1  # one batch shape, recorded once
     assert lg == pytest.approx(le, rel=1e-5, abs=1e-6)
     for a, b in zip(gg, ge):
         assert _rel(a, b) < 1e-4
@@ -213,7 +213,7 @@ def test_cuda_graph_image_encoder_keeps_earlier_outputs_and_other_shapes(tiny_rn
         for x, out in zip(xs, outs):  # earlier outputs are not overwritten by later replays
             assert torch.allclose(out.float(), eager.encode_image(x).float(), atol=2e-3)
     # four shapes recorded (8, 3, 5, 7); the fifth (9) ran eagerly
-    assert sorted(k[0][0] for k in model._graphed_image._graphs) == [3, 5, 7, 8]
+    assert sorted(k[0][0] for k in model.image_encoder._graphed._graphs) == [3, 5, 7, 8]
 
 
 def test_training_with_cuda_graphs_matches_eager_end_to_end(data_root, tiny_rn, tmp_path):

@@ -10,11 +10,14 @@ import torch
 from helpers_train import coop_argv, loss_lines, read_results, zeroshot_argv
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from coop.clip_adapter import SharedPrefixTextEncoder, TextEncoder, load_clip
+from coop.clip_adapter import TextEncoder, embed_dim, load_clip, tokenize
 from coop.config import get_cfg_default
-from coop.testing.tiny_clip import save_tiny_clip
+from coop.fast import prompt_text_encoder
+from coop.fast.shared_prefix import SharedPrefixTextEncoder
+from coop.fast.text import PromptTextEncoder, TruncatedTextEncoder, text_mode
+from coop.testing.tiny_clip import save_tiny_clip, tiny_clip_model
 from coop.train import main
-from coop.trainers.coop import CustomCLIP, PromptLearner, text_mode
+from coop.trainers.coop import CustomCLIP, PromptLearner
 
 NAMES = ["face", "accordion", "hello kitty", "motorbike", "a very long class name of words"]
 
@@ -58,10 +61,11 @@ def test_text_mode_selection(clip32, position, csc, expected):
     cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES = 500
     # replayed from CUDA graphs, the per-operation cost is gone: the fewest FLOPs win
     cfg.FAST.CUDA_GRAPHS = True
-    assert text_mode(cfg, pl, "cuda") == expected
-    cfg.TRAINER.COOP.PREC = "amp"  # not graphed under autocast
-    assert text_mode(cfg, pl, "cuda") == "truncate"
-    cfg.TRAINER.COOP.PREC, cfg.FAST.CUDA_GRAPHS = "fp16", False
+    assert text_mode(cfg, pl, "cuda", graphs=True) == expected
+    assert prompt_text_encoder(cfg, clip32, pl, "fp16").text_modes["cuda"] == expected
+    # not graphed under autocast
+    assert prompt_text_encoder(cfg, clip32, pl, "amp").text_modes["cuda"] == "truncate"
+    cfg.FAST.CUDA_GRAPHS = False
     cfg.FAST.TEXT = "shared_prefix"  # asked for: on every device, where the prompts allow it
     assert text_mode(cfg, pl, "cuda") == text_mode(cfg, pl, "cpu") == expected
     cfg.FAST.TEXT = "truncate"
@@ -97,7 +101,7 @@ def test_the_gpu_choice_for_few_classes_runs_fewer_operations_than_the_original(
     assert counts["truncate"] < counts["plain"] * 0.85  # three layers; 0.64 at twelve
     assert counts["shared_prefix"] > counts["plain"] * 1.2
     auto = CustomCLIP(_cfg(), NAMES, clip_deep)
-    assert auto.text_modes == {"cpu": "shared_prefix", "cuda": "truncate"}
+    assert auto.text_encoder.text_modes == {"cpu": "shared_prefix", "cuda": "truncate"}
 
 
 class _HostToDevice(TorchDispatchMode):
@@ -144,13 +148,13 @@ def test_fast_text_step_waits_for_nothing_on_the_device(tiny_vit, text, chunk):
     assert model.prompt_learner.ctx.grad.shape == model.prompt_learner.ctx.shape
     # the detectors see what the original's path does: it reads the longest prompt back,
     # and copies CLIP's causal mask from host memory in every block
-    before = TextEncoder(load_clip(tiny_vit).float(), eot_truncate=True).to("meta")
+    before = TruncatedTextEncoder(load_clip(tiny_vit).float()).to("meta")
     pl = model.prompt_learner
     with pytest.raises(RuntimeError, match="meta"):
-        before(pl(), model.tokenized_on_device)
+        before(pl(), model.text_encoder.tokenized_on_device)
     original = TextEncoder(load_clip(tiny_vit).float()).to("meta")
     with _HostToDevice() as h2d:
-        original(pl(), model.tokenized_prompts)
+        original(pl(), pl.tokenized_prompts)
     assert len(h2d.copies) > len(original.transformer.resblocks)
 
 
@@ -158,11 +162,12 @@ def test_image_pass_waits_for_nothing_on_the_device(tiny_rn, tiny_vit):
     """The frozen image encoders (ResNet with folded norms in channels-last, ViT) copy nothing
     from host memory and read nothing back: a CUDA graph can record them."""
     for ckpt in (tiny_rn, tiny_vit):
-        model = CustomCLIP(_cfg(), NAMES, load_clip(ckpt).float()).to("meta")
+        clip = load_clip(ckpt).float()
+        model = CustomCLIP(_cfg(), NAMES, clip).to("meta")
         with _HostToDevice() as h2d, torch.no_grad():
             out = model.encode_image(torch.empty(2, 3, 32, 32, device="meta"))
         assert h2d.copies == []
-        assert out.shape == (2, model.text_encoder.text_projection.shape[1])
+        assert out.shape == (2, embed_dim(clip))
 
 
 def test_the_text_path_follows_the_device_of_the_context(tiny_vit):
@@ -276,6 +281,23 @@ def test_shared_prefix_trains_after_an_evaluation_under_inference_mode(clip_deep
     assert torch.allclose(evaluated, trained.detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_eot_truncate_equals_plain(arch):
+    model = tiny_clip_model(arch)
+    masks = [blk.attn_mask for blk in model.transformer.resblocks]
+    ids = tokenize(["a photo of a dog.", "x x x x motorbike.", "a"])  # EOT at most at index 9
+    with torch.no_grad():
+        prompts = model.token_embedding(ids).type(model.dtype)
+        # garbage after EOT cannot matter with the causal mask
+        prompts[:, 12:] = torch.randn(prompts[:, 12:].shape, generator=torch.Generator())
+        plain = TextEncoder(model)(prompts, ids)
+        fast = TruncatedTextEncoder(model)(prompts, ids)
+    assert fast.shape == plain.shape
+    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-6)
+    for blk, mask in zip(model.transformer.resblocks, masks):
+        assert blk.attn_mask is mask and mask.shape == (77, 77)
+
+
 def test_truncated_matches_plain_for_middle_and_csc(clip32):
     cfg = _cfg()
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "middle"
@@ -283,7 +305,7 @@ def test_truncated_matches_plain_for_middle_and_csc(clip32):
     torch.manual_seed(0)
     pl = PromptLearner(cfg, NAMES, clip32)
     a = TextEncoder(clip32)(pl(), pl.tokenized_prompts)
-    b = TextEncoder(clip32, eot_truncate=True)(pl(), pl.tokenized_prompts)
+    b = TruncatedTextEncoder(clip32)(pl(), pl.tokenized_prompts)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -351,7 +373,7 @@ def test_folded_batch_norms_give_the_plain_features(tiny_rn, clip32):
     img = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         a, b = plain.encode_image(img), fast.encode_image(img)
-        unnormalised = plain.image_encoder(img)
+        unnormalised = plain.image_encoder.visual(img)
     assert unnormalised.std() > 0.1  # the norms' statistics reach the features
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     # off when asked; a norm in training mode, or a vision transformer, is left alone
@@ -584,14 +606,20 @@ def test_persistent_workers_draw_the_original_augmentations(data_root, tiny_vit,
 def test_cuda_graphs_are_opt_in_and_leave_other_devices_and_precisions_eager(
     data_root, tiny_rn, tmp_path
 ):
-    from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide
+    from coop.fast.cuda_graphs import GraphedImageEncoder, GraphedTextSide
 
     assert get_cfg_default().FAST.CUDA_GRAPHS is False
     on = _cfg(CUDA_GRAPHS=True)
-    assert CustomCLIP(on, NAMES, load_clip(tiny_rn).float()).cuda_graphs
+
+    def graphed(cfg):
+        model = CustomCLIP(cfg, NAMES, load_clip(tiny_rn).float())
+        assert model.text_encoder.cuda_graphs == model.image_encoder.cuda_graphs
+        return model.text_encoder.cuda_graphs
+
+    assert graphed(on)
     on.TRAINER.COOP.PREC = "amp"
-    assert not CustomCLIP(on, NAMES, load_clip(tiny_rn).float()).cuda_graphs
-    assert not CustomCLIP(_cfg(), NAMES, load_clip(tiny_rn).float()).cuda_graphs
+    assert not graphed(on)
+    assert not graphed(_cfg())
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedTextSide(lambda c: c * 2, torch.zeros(3, requires_grad=True))
     calls = []
@@ -632,7 +660,7 @@ class _StaticGradient(torch.autograd.Function):
 
 @pytest.mark.parametrize("own", [False, True])
 def test_a_graphed_gradient_does_not_alias_the_context_gradient(own):
-    from coop.cuda_graphs import own_gradient
+    from coop.fast.cuda_graphs import own_gradient
 
     ctx = torch.zeros(3, requires_grad=True)
     opt = torch.optim.SGD([ctx], lr=0.0)
@@ -658,7 +686,7 @@ def test_a_text_side_that_cannot_be_graphed_runs_eagerly_after_one_warning(
     the run: the text side is computed eagerly (the same features), on the path the GPU
     takes without graphs, and recording is not tried again. (On a CPU, with the GPU-only
     conditions lifted and the recorder made to fail as a capture does.)"""
-    import coop.trainers.coop as coop_mod
+    import coop.fast.text as text_mod
 
     attempts = []
 
@@ -666,15 +694,15 @@ def test_a_text_side_that_cannot_be_graphed_runs_eagerly_after_one_warning(
         attempts.append(1)
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
 
-    monkeypatch.setattr(coop_mod, "GraphedTextSide", failing_recorder)
+    monkeypatch.setattr(text_mod, "GraphedTextSide", failing_recorder)
     monkeypatch.setattr(
-        CustomCLIP, "_graph_text_side", lambda self, ctx: self.cuda_graphs and self._record_text
+        PromptTextEncoder, "_graph_text_side", lambda self, ctx: self.cuda_graphs and self._record
     )
     torch.manual_seed(0)
     eager = CustomCLIP(_cfg(), NAMES, clip_deep)
     torch.manual_seed(0)
     model = CustomCLIP(_cfg(CUDA_GRAPHS=True), NAMES, clip_deep)
-    assert model.text_modes["cuda"] == "shared_prefix"  # the choice with graphs
+    assert model.text_encoder.text_modes["cuda"] == "shared_prefix"  # the choice with graphs
     with caplog.at_level("WARNING"):
         first, second = model.text_features(), model.text_features()
     assert attempts == [1]
@@ -684,7 +712,9 @@ def test_a_text_side_that_cannot_be_graphed_runs_eagerly_after_one_warning(
         "operation not permitted when stream is capturing); it runs eagerly from now on "
         "(the same numbers, without the speed-up)"
     ]
-    assert model.text_modes["cuda"] == "truncate" == eager.text_modes["cuda"]
+    assert (
+        model.text_encoder.text_modes["cuda"] == "truncate" == eager.text_encoder.text_modes["cuda"]
+    )
     assert torch.equal(first, second) and torch.equal(first, eager.text_features())
 
 
@@ -693,8 +723,8 @@ def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
 ):
     from contextlib import nullcontext
 
-    import coop.cuda_graphs as cuda_graphs
-    from coop.cuda_graphs import GraphedImageEncoder
+    import coop.fast.cuda_graphs as cuda_graphs
+    from coop.fast.cuda_graphs import GraphedImageEncoder
 
     attempts = []
 
@@ -717,7 +747,7 @@ def test_an_image_encoder_that_cannot_be_graphed_runs_eagerly_after_one_warning(
 def test_a_failed_recording_leaves_the_current_stream_as_it_was(monkeypatch):
     # torch.cuda.graph switches to its side stream before beginning a capture and switches
     # back only after a successful end; a refused capture must not leave the run there
-    import coop.cuda_graphs as cuda_graphs
+    import coop.fast.cuda_graphs as cuda_graphs
 
     current = ["default"]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])

@@ -91,6 +91,8 @@ def test_wheel_holds_only_coop_and_its_dist_info(wheel):
     [
         "coop/__init__.py",
         "coop/config.py",
+        "coop/fast/__init__.py",
+        "coop/fast/feature_cache.py",
         "coop/trainers/__init__.py",
         "coop/trainers/coop.py",
         "coop/trainers/zsclip.py",

@@ -14,7 +14,7 @@ import torch
 from helpers_train import coop_argv, read_results
 
 from coop.config import get_cfg_default
-from coop.feature_cache import (
+from coop.fast.feature_cache import (
     SeededViews,
     TrainViewCache,
     decode_views,

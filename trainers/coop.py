@@ -7,29 +7,16 @@ draws random numbers, so a seeded run reproduces the original trajectory.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-from typing import Iterator, List, Optional, Tuple
+from typing import ContextManager, List, Optional
 
 import torch
 from torch import nn
 
-from coop.clip_adapter import (
-    SharedPrefixTextEncoder,
-    TextEncoder,
-    channels_last_input,
-    fold_batch_norms,
-    load_clip,
-    suffix_lengths,
-    token_length,
-    tokenize,
-    use_channels_last,
-)
+from coop import fast
+from coop.clip_adapter import token_length, tokenize
 from coop.clip_trainer import CLIPTrainer
 from coop.config import CN, ConfigError
-from coop.cuda_graphs import GraphedImageEncoder, GraphedTextSide, warn_not_recorded
-from coop.feature_cache import default_cache_dir
 from coop.io import CheckpointError
 from coop.registry import TRAINER_REGISTRY
 from coop.validation import BACKBONE_CTX_DIM
@@ -37,27 +24,6 @@ from coop.validation import BACKBONE_CTX_DIM
 logger = logging.getLogger(__name__)
 
 POSITIONS = ("end", "middle", "front")
-
-
-def load_clip_for(cfg) -> nn.Module:
-    """Load the configured CLIP backbone on the CPU (fp16 weights, as built)."""
-    logger.info(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
-    memo = ""
-    if cfg.FAST.ENABLED and cfg.FAST.CLIP_INIT_MEMO:
-        memo = os.path.join(default_cache_dir(cfg.FAST.CACHE_DIR), "clip_init")
-    return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR, init_memo_dir=memo)
-
-
-def channels_last_for(cfg, visual: nn.Module) -> bool:
-    """``FAST.CHANNELS_LAST``: store a ResNet image encoder channels-last (in place);
-    returns whether its inputs must be made channels-last too."""
-    return bool(cfg.FAST.ENABLED and cfg.FAST.CHANNELS_LAST and use_channels_last(visual))
-
-
-def fold_bn_for(cfg, visual: nn.Module) -> bool:
-    """``FAST.FOLD_BN``: fold a frozen ResNet image encoder's batch norms into its
-    convolutions (in place); returns whether it did."""
-    return bool(cfg.FAST.ENABLED and cfg.FAST.FOLD_BN and fold_batch_norms(visual))
 
 
 class PromptLearner(nn.Module):
@@ -181,190 +147,25 @@ class PromptLearner(nn.Module):
         )
 
 
-def text_mode(
-    cfg, prompt_learner: PromptLearner, device: str = "cpu", graphs: Optional[bool] = None
-) -> str:
-    """Which text-encoder path to use on ``device`` ("cpu", or a GPU: "cuda"): "plain",
-    "truncate" or "shared_prefix". ``graphs``: whether the step replays its text side from
-    CUDA graphs (default: as ``cfg`` asks, :func:`graphs_replay_text`).
-
-    The shared prefix computes the fewest FLOPs but launches about 45% more operations than
-    the original text tower. On a GPU a step with a few hundred classes is bound by the cost
-    of launching operations, not by FLOPs (benchmarks/README.md, "Full run on a GPU"), so
-    there ``auto`` truncates at the last end-of-text token (about a third fewer operations
-    than the original, over fewer tokens; :func:`coop.clip_adapter.encode_causal`) below
-    ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES`` classes, unless the step replays the text side
-    from CUDA graphs (``FAST.CUDA_GRAPHS``), where that cost is gone."""
-    if graphs is None:
-        graphs = graphs_replay_text(cfg)
-    if not cfg.FAST.ENABLED or cfg.FAST.TEXT == "plain":
-        return "plain"
-    shared = prompt_learner.ctx.dim() == 2 and prompt_learner.class_token_position == "end"
-    if not shared or cfg.FAST.TEXT == "truncate":
-        return "truncate"
-    if cfg.FAST.TEXT == "auto" and device != "cpu" and not graphs:
-        if prompt_learner.n_cls < cfg.FAST.GPU_SHARED_PREFIX_MIN_CLASSES:
-            return "truncate"
-    return "shared_prefix"
-
-
-def graphs_replay_text(cfg) -> bool:
-    """Whether a CUDA training step replays its text side from CUDA graphs
-    (``FAST.CUDA_GRAPHS`` with PREC fp16 or fp32), which takes away the per-operation cost
-    that makes truncation the better GPU choice below ``FAST.GPU_SHARED_PREFIX_MIN_CLASSES``."""
-    return bool(
-        cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS and cfg.TRAINER.COOP.PREC in ("fp16", "fp32")
-    )
-
-
 class CustomCLIP(nn.Module):
     """CLIP with CoOp's prompt learner on the text side."""
 
     def __init__(self, cfg, classnames: List[str], clip_model: nn.Module) -> None:
         super().__init__()
+        prec = cfg.TRAINER.COOP.PREC
         self.prompt_learner = PromptLearner(cfg, classnames, clip_model)
-        self.tokenized_prompts = self.prompt_learner.tokenized_prompts
-        self.image_encoder = clip_model.visual
+        self.image_encoder = fast.image_encoder(cfg, clip_model.visual, prec)
+        self.text_encoder = fast.prompt_text_encoder(cfg, clip_model, self.prompt_learner, prec)
         self.logit_scale = clip_model.logit_scale
         self.dtype = clip_model.dtype
-        self._cached_text_features: Optional[torch.Tensor] = None
-        # the text path on a CPU and on a GPU; the one of the context's device is used
-        self.text_modes = {d: text_mode(cfg, self.prompt_learner, d) for d in ("cpu", "cuda")}
-        # the GPU's choice should the graphs fail to record (see text_features)
-        self._eager_gpu_text_mode = text_mode(cfg, self.prompt_learner, "cuda", graphs=False)
-        # both fast text paths run more classes than this in checkpointed chunks
-        self.class_chunk = cfg.FAST.CLASS_CHUNK if cfg.FAST.ENABLED else 0
-        self.text_encoder = TextEncoder(clip_model)
-        self.shared_prefix_encoder = SharedPrefixTextEncoder(
-            clip_model, class_chunk=self.class_chunk
-        )
-        # opt-in: the text side and the image encoder replayed as CUDA graphs (fp16 / fp32)
-        self.cuda_graphs = graphs_replay_text(cfg)
-        self._graphed_text: Optional[GraphedTextSide] = None
-        self._record_text = True  # False once recording the text side has failed
-        self._graphed_image: Optional[GraphedImageEncoder] = None
-        self.bn_folded = fold_bn_for(cfg, self.image_encoder)  # before channels-last
-        self.channels_last = channels_last_for(cfg, self.image_encoder)
-        # What the fast text paths need of the token ids, read on the host once here and kept
-        # on the model's device, so that a training step never waits for the device (the
-        # plain path indexes with the CPU ids, as the original does).
-        self.register_buffer("tokenized_on_device", self.tokenized_prompts, persistent=False)
-        self.text_length = int(self.tokenized_prompts.argmax(dim=-1).max()) + 1
-        self.suffix_lengths: Optional[Tuple[int, ...]] = None
-        if "shared_prefix" in self.text_modes.values():
-            p = self.prompt_learner.token_prefix.shape[1] + self.prompt_learner.n_ctx
-            self.suffix_lengths = suffix_lengths(self.tokenized_prompts, p)
-
-    @property
-    def text_mode(self) -> str:
-        """The text path on the device the prompt learner is on now."""
-        on_cpu = self.prompt_learner.ctx.device.type == "cpu"
-        return self.text_modes["cpu" if on_cpu else "cuda"]
-
-    def text_features(self) -> torch.Tensor:
-        """L2-normalised class text features, (n_cls, embed_dim)."""
-        if self._cached_text_features is not None:
-            return self._cached_text_features
-        ctx = self.prompt_learner.ctx
-        if self._graph_text_side(ctx):
-            if self._graphed_text is None or not self._graphed_text.matches(ctx):
-                try:
-                    self._graphed_text = GraphedTextSide(self._text_features_of, ctx)
-                except RuntimeError as e:  # the platform cannot record it: run eagerly
-                    self._text_graph_failed(e)
-                    return self._text_features_of(ctx)
-                logger.info("Text side recorded as CUDA graphs (forward and backward)")
-            return self._graphed_text(ctx)
-        return self._text_features_of(ctx)
-
-    def _text_graph_failed(self, error: BaseException) -> None:
-        """``FAST.CUDA_GRAPHS`` could not record the text side: from now on it is computed
-        eagerly (the same numbers; only the speed differs), on the text path the GPU takes
-        without graphs. The image encoder's graphs are kept (they fall back on their own)."""
-        warn_not_recorded("the text side", error)
-        self._record_text = False
-        self._graphed_text = None
-        self.text_modes["cuda"] = self._eager_gpu_text_mode
-
-    def _graph_text_side(self, ctx: torch.Tensor) -> bool:
-        """Replay the text side from CUDA graphs: opted in, on a GPU, in a training pass
-        (evaluation computes it once), without autocast and without class chunks (whose
-        activation checkpointing recomputes in the backward)."""
-        return (
-            self.cuda_graphs
-            and self._record_text
-            and ctx.is_cuda
-            and ctx.requires_grad
-            and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled()
-            and not (0 < self.class_chunk < self.prompt_learner.n_cls)
-        )
-
-    def _text_features_of(self, ctx: torch.Tensor) -> torch.Tensor:
-        pl = self.prompt_learner
-        mode = self.text_mode
-        tokenized = self.tokenized_on_device
-        if mode == "shared_prefix":
-            prefix = torch.cat([pl.token_prefix[0], ctx], dim=0)  # (1 + n_ctx, D)
-            text_features = self.shared_prefix_encoder(
-                prefix, pl.token_suffix, tokenized, lengths=self.suffix_lengths
-            )
-        elif mode == "truncate":
-            text_features = self._truncated_features(pl(ctx), tokenized)
-        elif self.cuda_graphs:
-            # the original's computation over all 77 positions, without host copies (which
-            # a CUDA graph cannot record)
-            text_features = self.text_encoder.forward_truncated(
-                pl(ctx), tokenized, length=tokenized.shape[1]
-            )
-        else:
-            text_features = self.text_encoder(pl(ctx), self.tokenized_prompts.to(ctx.device))
-        return text_features / text_features.norm(dim=-1, keepdim=True)
-
-    def _truncated_features(self, prompts: torch.Tensor, tokenized: torch.Tensor) -> torch.Tensor:
-        """The truncated text path; with more classes than ``FAST.CLASS_CHUNK`` in a pass
-        that records gradients, over chunks of that many classes with activation
-        checkpointing, as the shared prefix runs them (each class's features depend only on
-        its own prompt)."""
-        encode = self.text_encoder.forward_truncated
-        n, chunk = prompts.shape[0], self.class_chunk
-        if not (chunk and torch.is_grad_enabled() and n > chunk):
-            return encode(prompts, tokenized, length=self.text_length)
-        from torch.utils.checkpoint import checkpoint
-
-        parts = [
-            checkpoint(
-                encode, prompts[a : a + chunk], tokenized[a : a + chunk], self.text_length,
-                use_reentrant=False,
-            )
-            for a in range(0, n, chunk)
-        ]  # fmt: skip
-        return torch.cat(parts)
-
-    @contextlib.contextmanager
-    def frozen_text_features(self) -> Iterator[None]:
-        """Compute the class text features once and reuse them for every batch inside."""
-        with torch.no_grad():
-            self._cached_text_features = self.text_features()
-        try:
-            yield
-        finally:
-            self._cached_text_features = None
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features of the frozen encoder, (B, embed_dim)."""
-        image = image.type(self.dtype)
-        if self.channels_last:
-            image = channels_last_input(image)
-        if self.cuda_graphs and image.is_cuda and not torch.is_autocast_enabled():
-            if self._graphed_image is None:
-                self._graphed_image = GraphedImageEncoder(self._image_features_of)
-            return self._graphed_image(image)
-        return self._image_features_of(image)
+        return self.image_encoder(image)
 
-    def _image_features_of(self, image: torch.Tensor) -> torch.Tensor:
-        image_features = self.image_encoder(image)
-        return image_features / image_features.norm(dim=-1, keepdim=True)
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised class text features of the learned context, (n_cls, embed_dim)."""
+        return self.text_encoder()
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         text_features = self.text_features()
@@ -374,6 +175,23 @@ class CustomCLIP(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.logits(self.encode_image(image))
+
+    # what the trainer reads of the speed paths
+    @property
+    def text_mode(self) -> str:
+        return self.text_encoder.text_mode
+
+    @property
+    def channels_last(self) -> bool:
+        return self.image_encoder.channels_last
+
+    @property
+    def bn_folded(self) -> bool:
+        return self.image_encoder.bn_folded
+
+    def frozen_text_features(self) -> ContextManager[None]:
+        """Compute the class text features once and reuse them for every batch inside."""
+        return self.text_encoder.frozen()
 
 
 @TRAINER_REGISTRY.register()
@@ -406,22 +224,7 @@ class CoOp(CLIPTrainer):
         return CustomCLIP(self.cfg, self.dm.dataset.classnames, clip_model)
 
     def after_model_built(self) -> None:
-        cfg = self.cfg
-        if self.model.text_mode != "plain":
-            logger.info(f"Text encoder fast path: {self.model.text_mode}")
-        if cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS:
-            if not self.model.cuda_graphs:
-                logger.warning(
-                    f"FAST.CUDA_GRAPHS works with PREC fp16 and fp32 only; PREC "
-                    f"{self.precision} runs without CUDA graphs"
-                )
-            elif self.device.type != "cuda":
-                logger.warning(
-                    f"FAST.CUDA_GRAPHS needs a CUDA device; on {self.device.type} the run is "
-                    "computed without CUDA graphs"
-                )
-            else:
-                logger.info("CUDA graphs (opt-in): text side and image encoder are replayed")
+        self.model.text_encoder.log_setup(self.device)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)

@@ -8,10 +8,10 @@ from typing import List
 
 import torch
 
-from coop.clip_adapter import channels_last_input, tokenize
+from coop.clip_adapter import tokenize
 from coop.clip_trainer import CLIPTrainer
+from coop.fast import image_encoder, load_clip_for
 from coop.registry import TRAINER_REGISTRY
-from coop.trainers.coop import channels_last_for, fold_bn_for, load_clip_for
 from coop.trainers.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,10 @@ class ZeroshotCLIP(CLIPTrainer):
             text_features = text_features / text_features.norm(dim=-1, keepdim=True)
         self.text_features = text_features  # (n_cls, embed_dim)
         self.clip_model = clip_model
-        self.bn_folded = fold_bn_for(cfg, clip_model.visual)  # before channels-last
-        self.channels_last = channels_last_for(cfg, clip_model.visual)
+        self.image_encoder = image_encoder(cfg, clip_model.visual)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = channels_last_input(images)
-        image_features = self.clip_model.encode_image(images)
-        return image_features / image_features.norm(dim=-1, keepdim=True)
+        return self.image_encoder(images)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         logit_scale = self.clip_model.logit_scale.exp()
@@ -72,10 +68,10 @@ class ZeroshotCLIP(CLIPTrainer):
         return self.clip_model.dtype
 
     def image_channels_last(self) -> bool:
-        return self.channels_last
+        return self.image_encoder.channels_last
 
     def image_bn_folded(self) -> bool:
-        return self.bn_folded
+        return self.image_encoder.bn_folded
 
     def model_inference(self, image: torch.Tensor) -> torch.Tensor:
         return self.logits_from_features(self.image_features(image))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 
 # graphs kept per image encoder: the training batch, a smaller last batch, the test batches
 MAX_IMAGE_SHAPES = 4
+# precisions whose step runs without autocast (autocast is not graphed)
+GRAPHED_PRECISIONS = ("fp16", "fp32")
+
+
+def cuda_graphs_for(cfg, prec: Optional[str]) -> bool:
+    """Whether ``FAST.CUDA_GRAPHS`` applies to a method that computes in ``prec`` (its
+    ``TRAINER.<NAME>.PREC``): with fp16 and fp32 only; ``None``: never. Only a CUDA device
+    records graphs; elsewhere the same work runs eagerly."""
+    return bool(cfg.FAST.ENABLED and cfg.FAST.CUDA_GRAPHS and prec in GRAPHED_PRECISIONS)
 
 
 def warn_not_recorded(what: str, error: BaseException) -> None:
