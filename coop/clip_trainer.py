@@ -28,31 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from coop.config import ConfigError
-from coop.fast.feature_cache import (
-    TRAIN_VIEWS_FORMAT,
-    FeatureCache,
-    SeededViews,
-    TrainViewCache,
-    cache_key,
-    default_cache_dir,
-    draw_loader_seed,
-    file_sha256,
-    split_fingerprint,
-)
+from coop.fast.trainer_caches import CachedViewsLoader, evaluate_cached
 
 logger = logging.getLogger(__name__)
-
-# what ``image_features`` computes; part of the cache key (bump when it changes)
-FEATURE_KIND = "clip-visual-l2norm-v1"
 
 PRECISIONS = ("fp16", "fp32", "amp", "bf16")
 
@@ -142,7 +127,7 @@ class CLIPTrainer:
         for path in self.__dict__.pop("_pending_checkpoints", ()):
             self.check_checkpoint(load_checkpoint(path)["state_dict"], path)
         if self.train_cache_enabled():
-            self.train_loader_x = CachedViewsLoader(self)
+            self.train_loader_x = CachedViewsLoader(self)  # cached views, one per image
 
     def check_checkpoint(self, state_dict: Dict[str, Any], path: str) -> None:
         """Hook: stop with :class:`~coop.io.CheckpointError` when the weights ``state_dict``
@@ -312,217 +297,16 @@ class CLIPTrainer:
             self.image_encoder_frozen and fast.ENABLED and fast.EVAL_FEATURE_CACHE and not skipping
         )
 
-    def _weights_hash(self, cache_root: str) -> str:
-        from coop.clip_adapter import resolve_weights
-
-        path = resolve_weights(self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.CACHE_DIR)
-        return file_sha256(path, cache_root)
-
-    def _encoder_key_parts(self, cache_root: str) -> Dict[str, Any]:
-        """What any cached image feature depends on besides its images and transform: the
-        feature kind, the weights' content, the precision, the memory format, whether the
-        batch norms are folded, the device and the torch version."""
-        return {
-            "kind": FEATURE_KIND,
-            "weights": self._weights_hash(cache_root),
-            "dtype": str(self.clip_dtype()),
-            "channels_last": self.image_channels_last(),
-            "bn_folded": self.image_bn_folded(),
-            "device": self.device.type,
-            "torch": torch.__version__,
-        }
-
-    def _eval_key(self, data_loader: Any, cache_root: str) -> Tuple[str, Dict[str, Any]]:
-        cfg = self.cfg
-        source = data_loader.dataset.data_source
-        parts = {
-            **self._encoder_key_parts(cache_root),
-            "split": split_fingerprint([d.impath for d in source], [d.label for d in source]),
-            "size": list(cfg.INPUT.SIZE),
-            "interpolation": cfg.INPUT.INTERPOLATION,
-            "mean": list(cfg.INPUT.PIXEL_MEAN),
-            "std": list(cfg.INPUT.PIXEL_STD),
-            "normalize": "normalize" in cfg.INPUT.TRANSFORMS,
-            "no_transform": cfg.INPUT.NO_TRANSFORM,
-            "batch_size": data_loader.batch_size,
-        }
-        return cache_key(parts), parts
-
     def run_evaluation(self, split: str, data_loader: Any) -> None:
-        """The bundled engine's per-pass hook: through the disk cache of image features
-        (``FAST.EVAL_FEATURE_CACHE``), computed once with the same batches and operations as
-        the plain path (bit-identical logits) and reused by later runs."""
+        """The bundled engine's per-pass hook: through the evaluation feature cache where
+        it is on."""
         if not self.eval_cache_enabled():
             return super().run_evaluation(split, data_loader)  # type: ignore[misc]
-        cache_root = default_cache_dir(self.cfg.FAST.CACHE_DIR)
-        cache = FeatureCache(cache_root)
-        key, parts = self._eval_key(data_loader, cache_root)
-        hit = cache.load(key)
-        if hit is not None:
-            logger.info(f"Using cached image features of the *{split}* set ({cache.path(key)})")
-            draw_loader_seed()  # the original draws this when it iterates the loader
-            features, labels = hit
-        else:
-            features, labels = [], []
-            for batch in tqdm(data_loader, desc=f"features {split}", leave=False):
-                input, label = self.parse_batch_test(batch)
-                with self.autocast():
-                    features.append(self.image_features(input))
-                labels.append(label)
-            cache.store(key, features, labels, parts)
-            logger.info(f"Cached image features of the *{split}* set in {cache.path(key)}")
-        for feats, label in zip(features, labels):
-            with self.autocast():
-                output = self.logits_from_features(feats.to(self.device))
-            self.evaluator.process(output, label.to(self.device))
+        evaluate_cached(self, split, data_loader)
 
     # ------------------------------------------------------------------ training cache
     def train_cache_enabled(self) -> bool:
         return bool(self.cfg.FAST.TRAIN_FEATURE_CACHE)
-
-    def _train_views_key(self, cache_root: str) -> Tuple[str, Dict[str, Any]]:
-        """The key of the training-view entry: everything the features depend on except
-        which images (the weights, the training transform, precision, batch shape, device)."""
-        import torchvision
-
-        cfg = self.cfg
-        parts = {
-            **self._encoder_key_parts(cache_root),
-            "cache": "train-views",
-            "format": TRAIN_VIEWS_FORMAT,
-            "byteorder": sys.byteorder,  # the view files hold raw bytes
-            "input": {k: cfg.INPUT[k] for k in sorted(cfg.INPUT)},
-            "transform": repr(self.dm.tfm_train),
-            "batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE,
-            "torchvision": torchvision.__version__,
-        }
-        return cache_key(parts), parts
-
-    def _compute_train_views(
-        self, wrapper: Any, pairs: List[Tuple[int, int]]
-    ) -> List[torch.Tensor]:
-        """Features (on the CPU) of view ``v`` of image ``i`` for each ``(i, v)`` of ``pairs``.
-
-        The views go through the image encoder in batches of the training batch size (the
-        batch shape the encoder sees in training without the cache), the last one padded to
-        it, so an image's features do not depend on how many others share its batch (kernels
-        are chosen by shape) and at most a training batch less one of padding is computed."""
-        from coop.data import resolve_num_workers
-
-        bs = self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE
-        loader = torch.utils.data.DataLoader(
-            SeededViews(wrapper, pairs),
-            batch_size=bs,
-            shuffle=False,
-            num_workers=resolve_num_workers(self.cfg.DATALOADER.NUM_WORKERS),
-            pin_memory=self.device.type == "cuda",
-        )
-        out: List[torch.Tensor] = []
-        # the loader draws its base seed from torch's generator: keep the run's stream intact
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            for batch in tqdm(loader, desc="training feature cache", leave=False):
-                images = batch["img"]
-                n = images.shape[0]
-                if n < bs:
-                    pad = images.new_zeros((bs - n, *images.shape[1:]))
-                    images = torch.cat([images, pad])
-                with self.autocast():
-                    feats = self.image_features(images.to(self.device))[:n]
-                out.extend(feats.cpu().unbind(0))
-        return out
-
-    def build_train_cache(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Features of ``TRAIN_CACHE_VIEWS`` augmented views of every training image,
-        ``(V, N, E)``, and the labels ``(N,)``, through the shared per-image cache of seeded
-        views: only the views no earlier run has stored are computed. The run's own random
-        streams are untouched."""
-        from coop.data import DatasetWrapper
-
-        views = self.cfg.FAST.TRAIN_CACHE_VIEWS
-        if views < 1:
-            raise ValueError(f"FAST.TRAIN_CACHE_VIEWS must be at least 1, got {views}")
-        source = self.dm.dataset.train_x
-        cfg = self.cfg.clone()
-        cfg.defrost()
-        cfg.DATALOADER.K_TRANSFORMS = 1  # a view is one augmentation
-        cfg.DATALOADER.RETURN_IMG0 = False
-        cache_root = default_cache_dir(self.cfg.FAST.CACHE_DIR)
-        key, parts = self._train_views_key(cache_root)
-        cache = TrainViewCache(cache_root, key, parts)
-
-        files = [cache.image_file(d.impath) for d in source]
-        first: Dict[str, int] = {}  # file -> its first position in train_x (repeats share it)
-        for i, path in enumerate(files):
-            first.setdefault(path, i)
-        meta = cache.read_meta()
-        stored: Dict[str, torch.Tensor] = {}
-        if meta is not None:
-            for path, i in first.items():
-                feats = cache.load(path, meta, impath=source[i].impath)
-                if feats is not None:
-                    stored[path] = feats
-        have = {path: (stored[path].shape[0] if path in stored else 0) for path in first}
-        pairs = [(i, v) for path, i in first.items() for v in range(have[path], views)]
-        reused = sum(min(n, views) for n in have.values())
-
-        if pairs:
-            wrapper = DatasetWrapper(cfg, source, transform=self.dm.tfm_train, is_train=True)
-            computed = self._compute_train_views(wrapper, pairs)
-            rows: Dict[str, List[torch.Tensor]] = {}
-            for (i, _), feat in zip(pairs, computed):
-                rows.setdefault(files[i], []).append(feat)
-            updates = {
-                path: torch.cat([stored[path], torch.stack(new)])
-                if path in stored
-                else torch.stack(new)
-                for path, new in rows.items()
-            }
-            stored.update(cache.store(updates))
-        logger.info(
-            f"Training feature cache (opt-in deviation): {views} augmented views of "
-            f"{len(source)} images; computed {len(pairs)} new views, reused {reused} from "
-            f"{cache.folder}"
-        )
-        feats = torch.stack([stored[path][:views] for path in files], dim=1)
-        labels = torch.tensor([d.label for d in source])
-        return feats.to(self.device), labels.to(self.device)
-
-
-class CachedViewsLoader:
-    """The training loader under ``FAST.TRAIN_FEATURE_CACHE``: batches ``{"feat", "label"}``
-    of cached image features, one random view per image, fed to the host's own epoch loop.
-
-    Each pass makes the draws a loader pass makes (the base seed, then the sampler's seed)
-    and drops the last incomplete batch as the training loader does. The cache is built at
-    the first pass (after a resume has restored the random states)."""
-
-    def __init__(self, trainer: CLIPTrainer) -> None:
-        self.trainer = trainer
-        self.batch_size = trainer.cfg.DATALOADER.TRAIN_X.BATCH_SIZE
-        self.n = len(trainer.dm.dataset.train_x)
-        self._feats: Optional[torch.Tensor] = None  # (V, N, E)
-        self._labels: Optional[torch.Tensor] = None  # (N,)
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.n >= self.batch_size else 1
-
-    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
-        if self._feats is None:
-            self._feats, self._labels = self.trainer.build_train_cache()
-        n, bs = self.n, self.batch_size
-        draw_loader_seed()
-        seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        gen = torch.Generator()
-        gen.manual_seed(seed)
-        perm = torch.randperm(n, generator=gen)
-        view_idx = torch.randint(self._feats.shape[0], (n,), generator=gen)
-        batches = [perm[i : i + bs] for i in range(0, n - bs + 1, bs)] if n >= bs else [perm]
-        for idx in batches:
-            on_device = idx.to(self._feats.device)
-            yield {
-                "feat": self._feats[view_idx[idx].to(self._feats.device), on_device],
-                "label": self._labels[on_device],
-            }
 
 
 def compute_accuracy(output: torch.Tensor, target: torch.Tensor) -> float:

@@ -218,8 +218,9 @@ def test_views_already_on_disk_win_over_another_writers(tmp_path):
     assert cache.load(path, (4, "torch.float16"), warn=False) is None
 
 
-def test_entry_key_covers_the_training_transform():
+def test_entry_key_covers_the_training_transform(monkeypatch):
     from coop.clip_trainer import CLIPTrainer
+    from coop.fast import trainer_caches
 
     cfg = get_cfg_default()
     assert {"SIZE", "INTERPOLATION", "TRANSFORMS", "RRCROP_SCALE"} <= set(cfg.INPUT)
@@ -228,18 +229,18 @@ def test_entry_key_covers_the_training_transform():
     trainer.device = torch.device("cpu")
     trainer.model = torch.nn.Module()  # a plain image encoder
     trainer.dm = type("DM", (), {"tfm_train": None})()
-    trainer._weights_hash = lambda root: "w"
+    monkeypatch.setattr(trainer_caches, "weights_hash", lambda trainer, root: "w")
     trainer.clip_dtype = lambda: torch.float32
-    key, parts = trainer._train_views_key("")
+    key, parts = trainer_caches.train_views_key(trainer, "")
     assert parts["input"]["RRCROP_SCALE"] == cfg.INPUT.RRCROP_SCALE
     cfg.INPUT.RRCROP_SCALE = (0.5, 1.0)
-    assert trainer._train_views_key("")[0] != key
+    assert trainer_caches.train_views_key(trainer, "")[0] != key
     cfg.INPUT.RRCROP_SCALE = get_cfg_default().INPUT.RRCROP_SCALE
-    assert trainer._train_views_key("")[0] == key
+    assert trainer_caches.train_views_key(trainer, "")[0] == key
     cfg.DATALOADER.TEST.BATCH_SIZE += 1
-    assert trainer._train_views_key("")[0] == key  # views use the training batch
+    assert trainer_caches.train_views_key(trainer, "")[0] == key  # views use the training batch
     cfg.DATALOADER.TRAIN_X.BATCH_SIZE += 1
-    assert trainer._train_views_key("")[0] != key
+    assert trainer_caches.train_views_key(trainer, "")[0] != key
 
 
 def test_zero_views_is_rejected_before_training(data_root, tiny_vit, tmp_path):
