@@ -393,3 +393,17 @@ def test_a_killed_dassl_run_resumes_with_the_same_learning_rates(
     log = open(resumed, encoding="utf-8").read()
     assert "Previous epoch: 2" in log and "the schedule is replayed for 2 epoch(s)" in log
     assert lrs(loss_lines(resumed)) == lrs(loss_lines(os.path.join(full, "log.txt")))[2:]
+
+
+def test_our_checkpoint_is_evaluated_on_dassls_engine(data_root, learnable_clip, tmp_path):
+    _dassl()
+    ours = str(tmp_path / "ours")
+    assert main(_short(data_root, ours, learnable_clip)) == 0
+    ckpt = os.path.join(ours, "prompt_learner", "model.pth.tar-2")
+    # what Dassl's own load_checkpoint does (and the official code with it): a plain load
+    state = torch.load(ckpt, map_location="cpu")
+    assert set(state["state_dict"]) == {"ctx"} and state["epoch"] == 2
+    out = str(tmp_path / "eval")
+    argv = ["--engine", "dassl", "--eval-only", "--model-dir", ours, "--load-epoch", "2"]
+    assert main([*argv, *coop_argv(data_root, out, learnable_clip, 1, 4)]) == 0
+    assert _accuracy(os.path.join(out, "log.txt")) == _accuracy(os.path.join(ours, "log.txt"))
