@@ -26,6 +26,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from coop.config import CN, get_cfg_default
+from coop.hosts import HostAdapter
 from coop.registry import DATASET_REGISTRY, TRAINER_REGISTRY, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def import_dassl() -> Any:
 
 
 # ---------------------------------------------------------------------- the Dassl host
-class DasslHost:
+class DasslHost(HostAdapter):
     """What the trainer base needs of a real Dassl beyond its public ``TrainerX``: Dassl's
     optimizer and scheduler builders, evaluation inside the method's evaluation context, and
     ``load_model`` through the safe reader with the method's state-dict preparation (as the
@@ -57,23 +58,12 @@ class DasslHost:
     every checkpoint but the best one)."""
 
     host_name = "dassl"
+    optim_module = "dassl.optim"
 
     def build_data_loader(self) -> None:
         for text in _FIXES.values():  # the log is set up by now
             logger.info(f"Dassl compatibility: {text}")
         super().build_data_loader()  # type: ignore[misc]
-
-    @staticmethod
-    def build_optimizer(module: Any, optim_cfg: Any) -> Any:
-        from dassl.optim import build_optimizer
-
-        return build_optimizer(module, optim_cfg)
-
-    @staticmethod
-    def build_lr_scheduler(optimizer: Any, optim_cfg: Any) -> Any:
-        from dassl.optim import build_lr_scheduler
-
-        return build_lr_scheduler(optimizer, optim_cfg)
 
     def test(self, split: Optional[str] = None) -> Any:
         with self.evaluation_context():

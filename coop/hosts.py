@@ -11,27 +11,33 @@ optimizer and scheduler builders run.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Dict, Tuple
 
 from coop.engine import TrainerX
 
 
-class BundledHost:
+class HostAdapter:
+    """What the trainer base asks of a host beyond Dassl's public ``TrainerX``: the
+    optimizer and scheduler builders of the module ``optim_module`` (Dassl's
+    ``build_optimizer(module, optim_cfg)`` and ``build_lr_scheduler(optimizer, optim_cfg)``)."""
+
+    host_name = ""
+    optim_module = ""
+
+    def build_optimizer(self, module: Any, optim_cfg: Any) -> Any:
+        return importlib.import_module(self.optim_module).build_optimizer(module, optim_cfg)
+
+    def build_lr_scheduler(self, optimizer: Any, optim_cfg: Any) -> Any:
+        builders = importlib.import_module(self.optim_module)
+        return builders.build_lr_scheduler(optimizer, optim_cfg)
+
+
+class BundledHost(HostAdapter):
     """The bundled engine's builders (Dassl's, written fresh)."""
 
     host_name = "bundled"
-
-    @staticmethod
-    def build_optimizer(module: Any, optim_cfg: Any) -> Any:
-        from coop.optim import build_optimizer
-
-        return build_optimizer(module, optim_cfg)
-
-    @staticmethod
-    def build_lr_scheduler(optimizer: Any, optim_cfg: Any) -> Any:
-        from coop.optim import build_lr_scheduler
-
-        return build_lr_scheduler(optimizer, optim_cfg)
+    optim_module = "coop.optim"
 
 
 BUNDLED: Tuple[type, type] = (BundledHost, TrainerX)

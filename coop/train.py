@@ -208,12 +208,16 @@ def run(args: argparse.Namespace):
     checkpoints = []
     if args.eval_only and args.model_dir:
         checkpoints = check_model_dir(args.model_dir, args.load_epoch)
-    trainer = build_trainer(cfg, checkpoints)
+    return drive(build_trainer(cfg, checkpoints), args)
+
+
+def drive(trainer: Any, args: argparse.Namespace) -> Any:
+    """What the original ``train.py`` does with a built trainer: evaluate the model of
+    ``--model-dir`` (``--eval-only``), or train (unless ``--no-train``)."""
     if args.eval_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
         trainer.test()
-        return trainer
-    if not args.no_train:
+    elif not args.no_train:
         trainer.train()
     return trainer
 
@@ -249,16 +253,8 @@ def run_on_dassl(args: argparse.Namespace):
         print(f"************\n** Config **\n************\n{cfg}")
         cls = DASSL_TRAINERS.get(cfg.TRAINER.NAME)
         if checkpoints and hasattr(cls, "for_checkpoints"):
-            trainer = cls.for_checkpoints(cfg, checkpoints)
-        else:
-            trainer = build_trainer(cfg)
-        if args.eval_only:
-            trainer.load_model(args.model_dir, epoch=args.load_epoch)
-            trainer.test()
-            return trainer
-        if not args.no_train:
-            trainer.train()
-    return trainer
+            return drive(cls.for_checkpoints(cfg, checkpoints), args)
+        return drive(build_trainer(cfg), args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
