@@ -50,6 +50,15 @@ EXTEND_HINT = (
 class CLIPTrainer:
     """Host-independent base of the CLIP trainers (see the module docstring)."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> CLIPTrainer:
+        # a method class built directly (Dassl's ``TRAINER_REGISTRY.get(name)(cfg)`` idiom
+        # on this package's registry) runs on the bundled engine
+        if not hasattr(cls, "run_epoch"):
+            from coop.hosts import on_host
+
+            cls = on_host(cls)
+        return object.__new__(cls)
+
     image_encoder_frozen = True  # only then are cached image features used
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
 
@@ -126,6 +135,10 @@ class CLIPTrainer:
 
         for path in self.__dict__.pop("_pending_checkpoints", ()):
             self.check_checkpoint(load_checkpoint(path)["state_dict"], path)
+        # the training transform (Dassl's data manager does not keep it as an attribute)
+        self.tfm_train = (
+            getattr(self.dm, "tfm_train", None) or self.train_loader_x.dataset.transform
+        )
         if self.train_cache_enabled():
             self.train_loader_x = CachedViewsLoader(self)  # cached views, one per image
 

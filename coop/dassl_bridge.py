@@ -66,8 +66,45 @@ class DasslHost(HostAdapter):
         super().build_data_loader()  # type: ignore[misc]
 
     def test(self, split: Optional[str] = None) -> Any:
+        self.set_model_mode("eval")  # type: ignore[attr-defined] - before the scope computes
         with self.evaluation_context():
             return super().test(split)  # type: ignore[misc]
+
+    def resume_model_if_exist(self, directory: str) -> int:
+        """Dassl's, with the method's ``prepare_loaded_state_dict`` (e.g. the original's
+        stored class-name buffers dropped) and the scheduler resumed as the bundled engine
+        resumes it (its pickled successor is not loaded: the schedule is replayed)."""
+        import os.path as osp
+
+        from dassl.utils import load_checkpoint
+
+        from coop.optim import resume_scheduler
+
+        names = self.get_model_names()  # type: ignore[attr-defined]
+        if any(not osp.exists(osp.join(directory, name)) for name in names):
+            print("No checkpoint found, train from scratch")
+            return 0
+        print(f"Found checkpoint at {directory} (will resume training)")
+        start_epoch = 0
+        for name in names:
+            fdir = osp.join(directory, name)
+            with open(osp.join(fdir, "checkpoint")) as f:
+                fpath = osp.join(fdir, f.readline().strip("\n"))
+            print(f'Loading checkpoint from "{fpath}"')
+            checkpoint = load_checkpoint(fpath)
+            state_dict = self.prepare_loaded_state_dict(name, checkpoint["state_dict"], fpath)
+            self._models[name].load_state_dict(state_dict)  # type: ignore[attr-defined]
+            print("Loaded model weights")
+            optim, sched = self._optims[name], self._scheds[name]  # type: ignore[attr-defined]
+            fresh_lrs = [g["lr"] for g in optim.param_groups] if optim is not None else []
+            if optim is not None and checkpoint.get("optimizer") is not None:
+                optim.load_state_dict(checkpoint["optimizer"])
+                print("Loaded optimizer")
+            if sched is not None:
+                resume_scheduler(sched, checkpoint.get("scheduler"), checkpoint["epoch"], fresh_lrs)
+            start_epoch = checkpoint["epoch"]
+            print(f"Previous epoch: {start_epoch}")
+        return start_epoch
 
     def prepare_loaded_state_dict(self, name: str, state_dict: Dict, path: str) -> Dict:
         return state_dict
@@ -101,6 +138,8 @@ def dassl_host() -> Tuple[type, type]:
     import_dassl()
     from dassl.engine import TrainerX
 
+    apply_torch_fixes()
+    attach_logging()
     return DasslHost, TrainerX
 
 
@@ -239,6 +278,7 @@ def apply_torch_fixes() -> List[str]:
     trainer logs the fixes in effect when it starts, so each run's log records them);
     returns their names."""
     _fix_scheduler_verbose()
+    _refuse_scheduler_state_without_successor()
     _route_checkpoint_loading()
     return list(_FIXES)
 
@@ -260,25 +300,45 @@ def _fix_scheduler_verbose() -> bool:
         self.warmup_epoch = warmup_epoch
         _LRScheduler.__init__(self, optimizer, last_epoch)
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        # the restricted reader gives the pickled successor back as None: loading only the
-        # wrapper would leave the successor at its first epoch (other learning rates), so
-        # such a state is refused and the resume replays the schedule instead
-        state = dict(state_dict)
-        successor = state.pop("successor", None)
-        if not isinstance(successor, dict):
-            raise ValueError("the scheduler state holds no state of its successor scheduler")
-        successor.pop("optimizer", None)
-        self.successor.load_state_dict(successor)
-        state.pop("optimizer", None)
-        self.__dict__.update(state)
-
     __init__._coop_fixed = True  # type: ignore[attr-defined]
     base.__init__ = __init__
-    base.load_state_dict = load_state_dict
     _FIXES["scheduler-verbose"] = (
         "its warm-up LR schedulers do not pass `verbose`, which this torch's _LRScheduler "
         "no longer takes"
+    )
+    return True
+
+
+def _refuse_scheduler_state_without_successor() -> bool:
+    """The restricted reader gives a Dassl warm-up scheduler's pickled successor back as
+    None; loading such a state would leave the live successor at its first epoch, or
+    replace it by None (torch's ``load_state_dict`` updates ``__dict__``): the warm-up
+    schedulers refuse it, and the resume replays the schedule instead."""
+    from dassl.optim import lr_scheduler as dls
+
+    base = dls._BaseWarmupScheduler
+    if getattr(base.load_state_dict, "_coop_fixed", False):
+        return False
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state = dict(state_dict)
+        successor = state.pop("successor", None)
+        if isinstance(successor, dict):  # a state saved as plain values
+            successor.pop("optimizer", None)
+            self.successor.load_state_dict(successor)
+        elif successor is None or not hasattr(successor, "step"):
+            raise ValueError("the scheduler state holds no state of its successor scheduler")
+        else:  # a live scheduler object (a state dict taken in this process)
+            state["successor"] = successor
+        state.pop("optimizer", None)
+        self.__dict__.update(state)
+
+    load_state_dict._coop_fixed = True  # type: ignore[attr-defined]
+    base.load_state_dict = load_state_dict
+    _FIXES["scheduler-state"] = (
+        "a warm-up LR scheduler's state whose successor scheduler was not loaded (the "
+        "restricted reader does not rebuild pickled objects) is refused, and a resume "
+        "replays the schedule instead"
     )
     return True
 

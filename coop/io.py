@@ -374,9 +374,21 @@ def read_legacy_checkpoint(path: str) -> Any:
     In a checkpoint of Dassl's ``save_checkpoint`` that is the scheduler's ``successor``
     (Dassl's warm-up wrapper keeps the wrapped scheduler, and with it the optimizer
     instance, in its state dict); ``state_dict``, ``epoch``, ``val_result`` and the
-    optimizer's state dict (plain dicts of tensors) are kept."""
+    optimizer's state dict (plain dicts of tensors) are kept. A TorchScript archive is
+    refused before anything is loaded: ``torch.load`` would hand it to ``torch.jit.load``,
+    which compiles and runs the code stored in the file."""
+    import zipfile
+
     import torch
 
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names):
+            raise CheckpointError(
+                f"{path} is a TorchScript archive, not a checkpoint: it is not loaded (loading "
+                "it would run the code it holds)"
+            )
     try:
         obj = torch.load(
             path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module()

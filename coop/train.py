@@ -245,16 +245,23 @@ def run_on_dassl(args: argparse.Namespace):
         checkpoints = check_model_dir(args.model_dir, args.load_epoch)
     close_logger()  # Dassl's log takes this package's lines (coop.dassl_bridge.attach_logging)
     with dassl_log(cfg.OUTPUT_DIR):
-        print("** Engine: Dassl **")
-        register_into_dassl()  # inside the log: its compatibility fixes are recorded there
-        print("***************\n** Arguments **\n***************")
-        for key in sorted(vars(args)):
-            print(f"{key}: {getattr(args, key)}")
-        print(f"************\n** Config **\n************\n{cfg}")
-        cls = DASSL_TRAINERS.get(cfg.TRAINER.NAME)
-        if checkpoints and hasattr(cls, "for_checkpoints"):
-            return drive(cls.for_checkpoints(cfg, checkpoints), args)
-        return drive(build_trainer(cfg), args)
+        try:
+            print("** Engine: Dassl **")
+            register_into_dassl()
+            print("***************\n** Arguments **\n***************")
+            for key in sorted(vars(args)):
+                print(f"{key}: {getattr(args, key)}")
+            print(f"************\n** Config **\n************\n{cfg}")
+            cls = DASSL_TRAINERS.get(cfg.TRAINER.NAME)
+            if checkpoints and hasattr(cls, "for_checkpoints"):
+                return drive(cls.for_checkpoints(cfg, checkpoints), args)
+            return drive(build_trainer(cfg), args)
+        except Exception as e:
+            from coop.validation import is_user_error, user_message
+
+            if is_user_error(e):  # why the run stopped, in its log too
+                print(f"Error: {user_message(e)}")
+            raise
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,6 +3,8 @@ contract; the checkpoint check made before the model is built."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ def smoothed():
     TRAINER_REGISTRY.register(LabelSmoothedCoOp)
     yield LabelSmoothedCoOp
     del TRAINER_REGISTRY._obj_map["LabelSmoothedCoOp"]
+    dassl = sys.modules.get("dassl.engine")
+    if dassl is not None:  # registered there too by the Dassl case
+        dassl.TRAINER_REGISTRY._obj_map.pop("LabelSmoothedCoOp", None)
 
 
 def _cfg(root, ckpt, out):
@@ -96,3 +101,14 @@ def test_method_checks_its_own_config(data_root, tiny_vit, tmp_path, key, value,
     merge_from_list(cfg, [key, value])
     with pytest.raises(ConfigError, match=message):  # Dassl's constructor hook, on any host
         CoOp.check_cfg(cfg)
+
+
+def test_a_method_class_built_directly_runs_on_the_bundled_engine(data_root, tiny_vit, tmp_path):
+    """Dassl's ``build_trainer`` idiom, ``TRAINER_REGISTRY.get(name)(cfg)``, on ours."""
+    from coop.engine import TrainerX
+    from coop.hosts import on_host
+
+    argv = coop_argv(data_root, str(tmp_path / "o"), tiny_vit, 1, 4)
+    trainer = TRAINER_REGISTRY.get("CoOp")(setup_cfg(build_parser().parse_args(argv)))
+    assert type(trainer) is on_host(CoOp) and isinstance(trainer, TrainerX)
+    assert isinstance(trainer, CoOp) and trainer.model.prompt_learner.ctx.shape == (16, 64)

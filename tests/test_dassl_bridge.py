@@ -411,3 +411,55 @@ def test_our_checkpoint_is_evaluated_on_dassls_engine(data_root, learnable_clip,
     argv = ["--engine", "dassl", "--eval-only", "--model-dir", ours, "--load-epoch", "2"]
     assert main([*argv, *coop_argv(data_root, out, learnable_clip, 1, 4)]) == 0
     assert _accuracy(os.path.join(out, "log.txt")) == _accuracy(os.path.join(ours, "log.txt"))
+
+
+def test_the_training_feature_cache_gives_the_same_numbers_on_both_engines(
+    data_root, learnable_clip, tmp_path
+):
+    _dassl()
+    logs = {}
+    for engine in ("bundled", "dassl"):
+        out = str(tmp_path / engine)
+        argv = _short(
+            data_root, out, learnable_clip, "DATASET.NUM_SHOTS", "8",
+            "FAST.TRAIN_FEATURE_CACHE", "True", "FAST.TRAIN_CACHE_VIEWS", "2",
+            "FAST.CACHE_DIR", str(tmp_path / f"cache_{engine}"),
+        )  # fmt: skip
+        assert main(["--engine", engine, *argv]) == 0
+        logs[engine] = os.path.join(out, "log.txt")
+    ours, theirs = (loss_lines(logs[e]) for e in ("bundled", "dassl"))
+    assert len(ours) == 4 and ours == theirs
+    assert "Training feature cache (opt-in deviation)" in open(logs["dassl"]).read()
+
+
+def test_a_checkpoint_of_the_original_code_resumes_on_dassls_engine(data_root, tiny_vit, tmp_path):
+    """The original stores the class-name token buffers; the method's state-dict
+    preparation drops them on Dassl's engine too."""
+    _dassl()
+    run = str(tmp_path / "run")
+    argv = _short(data_root, run, tiny_vit, "TRAIN.CHECKPOINT_FREQ", "1")
+    argv[argv.index("OPTIM.MAX_EPOCH") + 1] = "1"
+    assert main(argv) == 0
+    path = os.path.join(run, "prompt_learner", "model.pth.tar-1")
+    ckpt = torch.load(path)
+    n_cls, dim = 10, ckpt["state_dict"]["ctx"].shape[-1]
+    ckpt["state_dict"]["token_prefix"] = torch.zeros(n_cls, 1, dim)
+    ckpt["state_dict"]["token_suffix"] = torch.zeros(n_cls, 60, dim)
+    torch.save(ckpt, path)
+    out = str(tmp_path / "resumed")
+    assert main(["--engine", "dassl", "--resume", run, *_short(data_root, out, tiny_vit)]) == 0
+    log = open(os.path.join(out, "log.txt"), encoding="utf-8").read()
+    assert "Previous epoch: 1" in log and "epoch [2/2]" in log and "epoch [1/2]" not in log
+
+
+def test_a_user_error_on_dassls_engine_is_recorded_in_its_log(data_root, tiny_vit, tmp_path):
+    _dassl()
+    run = str(tmp_path / "run")
+    assert main(["--engine", "dassl", *_short(data_root, run, tiny_vit)]) == 0
+    out = str(tmp_path / "eval")
+    argv = ["--engine", "dassl", "--eval-only", "--model-dir", run, "--load-epoch", "2"]
+    rc = main([*argv, *coop_argv(data_root, out, tiny_vit, 1, 4, "TRAINER.COOP.N_CTX", "4")])
+    assert rc == 2
+    log = open(os.path.join(out, "log.txt"), encoding="utf-8").read()
+    assert "Error: The checkpoint" in log and "does not fit this model" in log
+    assert "Loading CLIP" not in log  # refused before CLIP was loaded

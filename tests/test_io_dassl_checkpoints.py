@@ -395,3 +395,19 @@ def test_coop_train_resumes_a_dassl_checkpoint_with_the_same_schedule(ours, tmp_
     lrs = _epoch_lrs(log, E2E_EPOCHS)
     assert lrs and lrs == _epoch_lrs(os.path.join(ours.out, "log.txt"), E2E_EPOCHS)
     assert read_results(out)["total"] == 60
+
+
+def test_a_torchscript_archive_is_refused_before_its_code_runs(tmp_path, monkeypatch):
+    """torch.load hands a TorchScript zip to torch.jit.load (which compiles and runs the
+    file's code) whatever pickle module it is given: the reader refuses it first."""
+    import torch
+
+    from coop.io import CheckpointError, load_checkpoint
+
+    path = str(tmp_path / "model.pth.tar-1")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: calls.append(a))
+    with pytest.raises(CheckpointError, match="TorchScript archive"):
+        load_checkpoint(path)
+    assert calls == []

@@ -228,7 +228,7 @@ def test_entry_key_covers_the_training_transform(monkeypatch):
     trainer.cfg = cfg
     trainer.device = torch.device("cpu")
     trainer.model = torch.nn.Module()  # a plain image encoder
-    trainer.dm = type("DM", (), {"tfm_train": None})()
+    trainer.tfm_train = None
     monkeypatch.setattr(trainer_caches, "weights_hash", lambda trainer, root: "w")
     trainer.clip_dtype = lambda: torch.float32
     key, parts = trainer_caches.train_views_key(trainer, "")

@@ -3,7 +3,7 @@ stores): the evaluation pass through cached image features, and the opt-in train
 feature cache's views and loader.
 
 A trainer here is a :class:`~coop.clip_trainer.CLIPTrainer`: these read its ``cfg``,
-``device``, ``dm``, ``evaluator``, ``autocast()``, ``parse_batch_test``, ``image_features``,
+``device``, ``dm``, ``tfm_train``, ``evaluator``, ``autocast()``, ``parse_batch_test``, ``image_features``,
 ``logits_from_features`` and the cache-key facts ``clip_dtype()``, ``image_channels_last()``
 and ``image_bn_folded()``.
 """
@@ -113,7 +113,7 @@ def train_views_key(trainer: Any, cache_root: str) -> Tuple[str, Dict[str, Any]]
         "format": TRAIN_VIEWS_FORMAT,
         "byteorder": sys.byteorder,  # the view files hold raw bytes
         "input": {k: cfg.INPUT[k] for k in sorted(cfg.INPUT)},
-        "transform": repr(trainer.dm.tfm_train),
+        "transform": repr(trainer.tfm_train),
         "batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE,
         "torchvision": torchvision.__version__,
     }
@@ -189,7 +189,7 @@ def build_train_cache(trainer: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     reused = sum(min(n, views) for n in have.values())
 
     if pairs:
-        wrapper = DatasetWrapper(cfg, source, transform=trainer.dm.tfm_train, is_train=True)
+        wrapper = DatasetWrapper(cfg, source, transform=trainer.tfm_train, is_train=True)
         computed = compute_train_views(trainer, wrapper, pairs)
         rows: Dict[str, List[torch.Tensor]] = {}
         for (i, _), feat in zip(pairs, computed):
