@@ -206,6 +206,7 @@ def check_context_shape(trainer: Any, paths: List[str]) -> None:
 def run(args: argparse.Namespace):
     """Build the trainer from ``args`` and run it; returns the trainer."""
     from coop.engine import checks_before_build_model
+    from coop.malloc_tuning import tune_for_run
     from coop.registry import build_trainer
 
     cfg = setup_cfg(args)
@@ -236,6 +237,9 @@ def run(args: argparse.Namespace):
         checks.append(lambda trainer: check_context_shape(trainer, paths))
     with checks_before_build_model(*checks):
         trainer = build_trainer(cfg)
+    # after the build: loading the checkpoint's transient copies keeps the default malloc,
+    # which returns them to the kernel (kept in the heap they would only raise the peak RSS)
+    tune_for_run(cfg, trainer.device.type)
     if args.eval_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
         trainer.test()
