@@ -46,6 +46,7 @@ CASES = (
     "eval_1000",
     "eval_warm",
     "sweep",
+    "eval_process",
     "memory_1000",
 )
 
@@ -1056,7 +1057,7 @@ class _RunEnv:
         self.plan = plan
         self.root = plan.tmp
         self._ckpt = ""
-        self._data: Dict[Tuple[int, int], str] = {}
+        self._data: Dict[Tuple[int, int, int], str] = {}
 
     def ckpt(self) -> str:
         if not self._ckpt:
@@ -1065,13 +1066,14 @@ class _RunEnv:
             self._ckpt = save_tiny_clip(os.path.join(self.root, "clip.pt"), **self.plan.run_clip)
         return self._ckpt
 
-    def data(self, n_classes: int, per_class: int) -> str:
-        k = (n_classes, per_class)
+    def data(self, n_classes: int, per_class: int, size: int = 0) -> str:
+        """A Caltech101 miniature; images of the run checkpoint's resolution unless ``size``."""
+        res = size or int(self.plan.run_clip["image_resolution"])
+        k = (n_classes, per_class, res)
         if k not in self._data:
             from coop.testing.fixtures import make_caltech101
 
-            path = os.path.join(self.root, f"data_{n_classes}x{per_class}")
-            res = int(self.plan.run_clip["image_resolution"])
+            path = os.path.join(self.root, f"data_{n_classes}x{per_class}_{res}px")
             make_caltech101(path, n_classes=n_classes, n_per_class=per_class, image_size=res)
             self._data[k] = path
         return self._data[k]
@@ -1271,6 +1273,164 @@ def case_sweep(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Whole processes
+
+# images per class of the eval_process miniature: its 50/20/30 split leaves 3 test images
+# per class, 300 at 100 classes
+PROCESS_PER_CLASS = 10
+# what the eval_process children must not inherit from this process: its own opt-out of the
+# malloc tuning (see main) and any glibc tuning of the shell, so each child runs with the
+# package's defaults as `coop-train` does from a clean shell
+_CHILD_ENV_DROP = (
+    "COOP_MALLOC_TUNING",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+
+
+def shape_checkpoint(plan: Plan, shape: Shape) -> str:
+    """A random-weight checkpoint of ``shape`` in OpenAI's state-dict format, through
+    ``coop.testing.tiny_clip.save_tiny_clip`` (memoised in the plan's temp folder)."""
+    name = re.sub(r"[^A-Za-z0-9]+", "_", shape.name)
+    path = os.path.join(plan.tmp, f"clip_{name}.pt")
+    if not os.path.isfile(path):
+        from coop.testing.tiny_clip import save_tiny_clip
+
+        embed, res, layers, width, patch, _, _, text_width, _, text_layers = shape.clip_args
+        kw = dict(
+            embed_dim=embed,
+            image_resolution=res,
+            vision_width=width,
+            vision_layers=layers,
+            text_width=text_width,
+            text_layers=text_layers,
+        )
+        if patch is None:
+            save_tiny_clip(path, arch="resnet", **kw)
+        else:
+            save_tiny_clip(path, arch="vit", patch_size=patch, **kw)
+    return path
+
+
+def coop_train_command() -> List[str]:
+    """The ``coop-train`` console script beside this Python, else ``python -m coop.train``."""
+    script = shutil.which("coop-train", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "coop.train"]
+
+
+def run_process(argv: List[str], env: Dict[str, str], log_path: str) -> Dict[str, float]:
+    """Run ``argv`` as a child process (output into ``log_path``); its wall time and its
+    own resource use: CPU seconds (``user``, ``sys``), minor page faults and peak RSS
+    (bytes), its data-loading workers' CPU and faults included."""
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read()[-4000:]
+        raise RuntimeError(f"{' '.join(argv[:3])} ... failed (rc {proc.returncode}):\n{tail}")
+    return {
+        "wall": wall,
+        "user": usage.ru_utime,
+        "sys": usage.ru_stime,
+        "minflt": float(usage.ru_minflt),
+        "maxrss": float(usage.ru_maxrss) * 1024,  # KiB on Linux
+    }
+
+
+def _split_size(data: str, split: str) -> int:
+    with open(os.path.join(data, "caltech-101", "split_zhou_Caltech101.json")) as f:
+        return len(json.load(f)[split])
+
+
+def case_eval_process(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
+    """Whole ``coop-train --eval-only`` processes, plain (``FAST.ENABLED False``) against the
+    defaults, each timed run cold (a new ``FAST.CACHE_DIR``), with the official command line:
+    start-up, data, CLIP loading and the whole test pass, as a user's process pays them."""
+    child_env = {k: v for k, v in os.environ.items() if k not in _CHILD_ENV_DROP}
+    if plan.threads:
+        child_env["OMP_NUM_THREADS"] = str(plan.threads)  # torch's threads in the child
+    n = [0]
+
+    def run(shape: Shape, data: str, fast: bool) -> Dict[str, float]:
+        n[0] += 1
+        out = os.path.join(plan.tmp, f"eval_process_{n[0]}")
+        res = shape.resolution
+        arch = "vit_b16" if shape.clip_args[4] else "rn50"
+        argv = coop_train_command() + [
+            "--root", data,
+            "--seed", "1",
+            "--trainer", "CoOp",
+            "--dataset-config-file", os.path.join(REPO, "configs/datasets/caltech101.yaml"),
+            "--config-file", os.path.join(REPO, f"configs/trainers/CoOp/{arch}.yaml"),
+            "--output-dir", os.path.join(out, "output"),
+            "--eval-only",
+            "DATASET.NUM_SHOTS", "16",
+            "MODEL.BACKBONE.NAME", shape_checkpoint(plan, shape),
+            "INPUT.SIZE", f"({res}, {res})",
+            "TRAINER.COOP.PREC", plan.prec,
+            "FAST.CACHE_DIR", os.path.join(out, "cache"),  # cold: a new cache each run
+            *([] if plan.cuda else ["USE_CUDA", "False"]),
+            *([] if fast else ["FAST.ENABLED", "False"]),
+            *(plan.fast_opts if fast else ()),
+        ]  # fmt: skip
+        os.makedirs(out, exist_ok=True)
+        t = run_process(argv, child_env, os.path.join(out, "stdout.txt"))
+        shutil.rmtree(out, ignore_errors=True)
+        return t
+
+    n_cls = plan.n_small
+    reps = min(plan.reps, 3 if plan.quick else 5)
+    # --quick: the first mini shape only (a process of each takes 10-25 s there)
+    shapes = list(plan.shapes.values())[: 1 if plan.quick else None]
+    rows, info = [], {}
+    for shape in shapes:
+        data = env.data(n_cls, PROCESS_PER_CLASS, size=shape.resolution)
+        n_test = _split_size(data, "test")
+        times: Dict[str, List[Dict[str, float]]] = {"plain": [], "fast": []}
+        with progress(min(plan.warmup, 1) + 2 * reps, f"eval_process {shape.name}") as bar:
+            for _ in range(min(plan.warmup, 1)):  # page cache, the few-shot split file
+                run(shape, data, fast=True)  # the cheaper path
+                bar.update()
+            for r in range(reps):
+                order = ["plain", "fast"] if r % 2 == 0 else ["fast", "plain"]
+                for name in order:
+                    times[name].append(run(shape, data, fast=name == "fast"))
+                    bar.update()
+
+        def med(name: str, what: str, times=times) -> float:
+            return statistics.median(t[what] for t in times[name])
+
+        tp, tf = med("plain", "wall"), med("fast", "wall")
+        cpu_p = statistics.median(t["user"] + t["sys"] for t in times["plain"])
+        cpu_f = statistics.median(t["user"] + t["sys"] for t in times["fast"])
+        rows.append(
+            row(
+                "eval_process",
+                f"{shape.name} {n_cls} cls {n_test} imgs",
+                tp,
+                tf,
+                tp / tf,
+                (">=", 1.0),
+                note=f"whole coop-train --eval-only processes, each cold (new FAST.CACHE_DIR), "
+                f"{plan.threads or 'default'} torch threads; CPU s (user+sys) "
+                f"{cpu_p:.1f} vs {cpu_f:.1f} ({cpu_p / cpu_f:.2f}x), of it sys "
+                f"{med('plain', 'sys'):.1f} vs {med('fast', 'sys'):.1f}; minor faults "
+                f"{med('plain', 'minflt') / 1e6:.2f}M vs {med('fast', 'minflt') / 1e6:.2f}M; "
+                f"peak RSS {_fmt_amount(med('plain', 'maxrss'), 'B')} vs "
+                f"{_fmt_amount(med('fast', 'maxrss'), 'B')}",
+            )
+        )
+        info[shape.name] = times
+    return {"rows": rows, "times": info}
+
+
+# --------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -1380,6 +1540,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(threads)
     plan.threads = torch.get_num_threads()
     plan.tmp = tempfile.mkdtemp(prefix="coop-bench-")
+    # the cases that call coop.train.main in this process compare plain and fast runs in
+    # it: a fast run must not leave the process's malloc tuned for the plain runs after it
+    # (eval_process starts its children without this)
+    os.environ["COOP_MALLOC_TUNING"] = "0"
     if plan.cuda:
         torch.backends.cudnn.benchmark = True  # as coop.train does on CUDA
     print(machine_line(plan), flush=True)
@@ -1394,6 +1558,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "eval_1000": lambda: case_eval_1000(plan, models),
         "eval_warm": lambda: case_eval_warm(plan, env),
         "sweep": lambda: case_sweep(plan, env),
+        "eval_process": lambda: case_eval_process(plan, env),
         "memory_1000": lambda: case_memory(plan),
     }
     results: Dict[str, Any] = {}

@@ -62,6 +62,13 @@ class CLIPTrainer:
     image_encoder_frozen = True  # only then are cached image features used
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
 
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)  # type: ignore[call-arg] - the host's: data, model, evaluator
+        from coop.fast.malloc import tune_for_run
+
+        # after the build: the checkpoint's transient copies went back to the kernel
+        tune_for_run(cfg, self.device.type)
+
     # ------------------------------------------------------------------ config
     @classmethod
     def add_config(cls, cfg: Any) -> None:

@@ -207,6 +207,10 @@ def _coop_dassl_additions(cfg: CN) -> None:
     # they are re-seeded each epoch exactly as new workers are, so the augmentations drawn
     # are the original's
     cfg.FAST.PERSISTENT_WORKERS = True
+    # on a CPU device with glibc: large tensors reuse freed heap memory instead of a fresh
+    # mmap each, which the kernel zeroes and faults in page by page (coop/fast/malloc.py);
+    # once per process, from the first fast run on; $COOP_MALLOC_TUNING=0 turns it off too
+    cfg.FAST.MALLOC_TUNING = True
 
 
 def extend_cfg(cfg: CN) -> None:

@@ -100,6 +100,28 @@ def test_run_main_reports_the_parts_of_a_run(tmp_path):
     assert plain["cache"] == plain["views"] == 0 and plain["epochs"] > 0
 
 
+def test_eval_process_times_whole_processes_side_by_side(tmp_path, capsys):
+    plan = bench.make_plan(True, "cpu")
+    plan.tmp = str(tmp_path)
+    # a tiny ResNet CLIP (32 px) and 4 classes: 12 test images, one process per path
+    tiny = bench.Shape("RN-tiny", (32, 32, (1, 1, 1, 1), 8, None, 77, 49408, 64, 1, 1), 2, 2)
+    plan.shapes = {"RN50": tiny}
+    plan.n_small, plan.reps, plan.warmup, plan.threads = 4, 1, 0, 1
+    res = bench.case_eval_process(plan, bench._RunEnv(plan))
+    (r,) = res["rows"]
+    assert r["case"] == "eval_process" and r["setting"] == "RN-tiny 4 cls 12 imgs"
+    assert r["target"] == [">=", 1.0] and r["result"] in ("PASS", "FAIL")
+    assert r["value"] == pytest.approx(r["plain"] / r["fast"])
+    for path in ("plain", "fast"):
+        (t,) = res["times"]["RN-tiny"][path]
+        assert min(t["wall"], t["user"], t["minflt"]) > 0 and t["maxrss"] > 2**20
+    assert sorted(os.listdir(tmp_path)) == ["clip_RN_tiny.pt", "data_4x10_32px"]  # runs removed
+    bench.print_row(r)
+    out = capsys.readouterr().out
+    assert out.startswith("eval_process     RN-tiny 4 cls 12 imgs")
+    assert "whole coop-train --eval-only processes, each cold" in out
+
+
 def test_sweep_runs_every_shot_count_for_the_chosen_seeds(tmp_path, monkeypatch):
     calls = []
 
