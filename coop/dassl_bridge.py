@@ -76,10 +76,6 @@ class DasslHost(HostAdapter):
         resumes it (its pickled successor is not loaded: the schedule is replayed)."""
         import os.path as osp
 
-        from dassl.utils import load_checkpoint
-
-        from coop.optim import resume_scheduler
-
         names = self.get_model_names()  # type: ignore[attr-defined]
         if any(not osp.exists(osp.join(directory, name)) for name in names):
             print("No checkpoint found, train from scratch")
@@ -87,23 +83,13 @@ class DasslHost(HostAdapter):
         print(f"Found checkpoint at {directory} (will resume training)")
         start_epoch = 0
         for name in names:
-            fdir = osp.join(directory, name)
-            with open(osp.join(fdir, "checkpoint")) as f:
-                fpath = osp.join(fdir, f.readline().strip("\n"))
-            print(f'Loading checkpoint from "{fpath}"')
-            checkpoint = load_checkpoint(fpath)
-            state_dict = self.prepare_loaded_state_dict(name, checkpoint["state_dict"], fpath)
-            self._models[name].load_state_dict(state_dict)  # type: ignore[attr-defined]
-            print("Loaded model weights")
-            optim, sched = self._optims[name], self._scheds[name]  # type: ignore[attr-defined]
-            fresh_lrs = [g["lr"] for g in optim.param_groups] if optim is not None else []
-            if optim is not None and checkpoint.get("optimizer") is not None:
-                optim.load_state_dict(checkpoint["optimizer"])
-                print("Loaded optimizer")
-            if sched is not None:
-                resume_scheduler(sched, checkpoint.get("scheduler"), checkpoint["epoch"], fresh_lrs)
-            start_epoch = checkpoint["epoch"]
-            print(f"Previous epoch: {start_epoch}")
+            start_epoch = resume_from_checkpoint(
+                osp.join(directory, name),
+                self._models[name],  # type: ignore[attr-defined]
+                self._optims[name],  # type: ignore[attr-defined]
+                self._scheds[name],  # type: ignore[attr-defined]
+                prepare=lambda sd, path, name=name: self.prepare_loaded_state_dict(name, sd, path),
+            )
         return start_epoch
 
     def prepare_loaded_state_dict(self, name: str, state_dict: Dict, path: str) -> Dict:
@@ -343,6 +329,35 @@ def _refuse_scheduler_state_without_successor() -> bool:
     return True
 
 
+def resume_from_checkpoint(
+    fdir: str, model: Any, optimizer: Any = None, scheduler: Any = None, prepare: Any = None
+) -> int:
+    """Dassl's ``resume_from_checkpoint`` through the restricted reader, with the scheduler
+    resumed as the bundled engine resumes it (its pickled successor is not loaded, so the
+    deterministic schedule is replayed) and ``prepare(state_dict, path)`` applied to the
+    weights first (a method's ``prepare_loaded_state_dict``)."""
+    import os.path as osp
+
+    from coop.io import read_checkpoint
+    from coop.optim import resume_scheduler
+
+    with open(osp.join(fdir, "checkpoint")) as f:
+        fpath = osp.join(fdir, f.readline().strip("\n"))
+    print(f'Loading checkpoint from "{fpath}"')
+    checkpoint = read_checkpoint(fpath)
+    state_dict = checkpoint["state_dict"]
+    model.load_state_dict(prepare(state_dict, fpath) if prepare else state_dict)
+    print("Loaded model weights")
+    fresh_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
+    if optimizer is not None and checkpoint.get("optimizer") is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        print("Loaded optimizer")
+    if scheduler is not None:
+        resume_scheduler(scheduler, checkpoint.get("scheduler"), checkpoint["epoch"], fresh_lrs)
+    print(f"Previous epoch: {checkpoint['epoch']}")
+    return checkpoint["epoch"]
+
+
 def _route_checkpoint_loading() -> bool:
     """Dassl's ``load_checkpoint`` unpickles whatever the file holds (and fails on this
     torch, whose ``torch.load`` is ``weights_only`` by default): it is routed through the
@@ -352,7 +367,6 @@ def _route_checkpoint_loading() -> bool:
     from dassl.utils import torchtools
 
     from coop.io import read_checkpoint
-    from coop.optim import resume_scheduler
 
     if getattr(torchtools.load_checkpoint, "_coop_safe", False):
         return False
@@ -361,26 +375,6 @@ def _route_checkpoint_loading() -> bool:
         if fpath is None:
             raise ValueError("File path is None")
         return read_checkpoint(fpath)
-
-    def resume_from_checkpoint(fdir: str, model: Any, optimizer: Any = None, scheduler: Any = None):
-        # Dassl's, with the scheduler resumed as the bundled engine resumes it: its pickled
-        # successor is not loaded, so the deterministic schedule is replayed instead
-        import os.path as osp
-
-        with open(osp.join(fdir, "checkpoint")) as f:
-            fpath = osp.join(fdir, f.readline().strip("\n"))
-        print(f'Loading checkpoint from "{fpath}"')
-        checkpoint = load_checkpoint(fpath)
-        model.load_state_dict(checkpoint["state_dict"])
-        print("Loaded model weights")
-        fresh_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer is not None else []
-        if optimizer is not None and checkpoint.get("optimizer") is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            print("Loaded optimizer")
-        if scheduler is not None:
-            resume_scheduler(scheduler, checkpoint.get("scheduler"), checkpoint["epoch"], fresh_lrs)
-        print(f"Previous epoch: {checkpoint['epoch']}")
-        return checkpoint["epoch"]
 
     load_checkpoint._coop_safe = True  # type: ignore[attr-defined]
     load_checkpoint.__doc__ = torchtools.load_checkpoint.__doc__

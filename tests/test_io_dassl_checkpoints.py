@@ -397,6 +397,7 @@ def test_coop_train_resumes_a_dassl_checkpoint_with_the_same_schedule(ours, tmp_
     assert read_results(out)["total"] == 60
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, still loadable
 def test_a_torchscript_archive_is_refused_before_its_code_runs(tmp_path, monkeypatch):
     """torch.load hands a TorchScript zip to torch.jit.load (which compiles and runs the
     file's code) whatever pickle module it is given: the reader refuses it first."""
