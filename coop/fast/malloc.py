@@ -2,11 +2,11 @@
 
 By default glibc serves every allocation above its mmap threshold (128 KiB, rising to at
 most 32 MiB as such blocks are freed) with a fresh ``mmap`` and returns it to the kernel on
-``free``. A CPU forward of CLIP allocates and frees tensors of tens to hundreds of MiB in
-every layer (a ViT-B/16 batch of 100 images: ~1.5 GiB per block), so each one is zeroed and
-faulted in again, page by page. Switching ``mmap`` off for large blocks and keeping freed
-memory at the top of the heap lets them be reused instead. Only where and how memory is
-allocated changes, never a value.
+``free``. A CPU forward of CLIP over a test batch allocates and frees activations of tens to
+hundreds of MiB in every layer, so the kernel zeroes and faults each one in again, page by
+page. Switching ``mmap`` off and keeping freed memory at the top of the heap lets them be
+reused instead (benchmarks/README.md, "Whole processes"). Only where memory lives changes,
+never a value; the price is that freed memory stays with the process until it exits.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +27,12 @@ TRIM_THRESHOLD = 1 << 30
 OPT_OUT_ENV = "COOP_MALLOC_TUNING"
 # a user's own glibc tuning wins over ours
 GLIBC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+GLIBC_TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.mmap_threshold", "glibc.malloc.trim")
 
 _state: Optional[str] = None  # what the first call decided; later calls repeat it
 
 
-def _glibc_mallopt() -> Optional[ctypes._CFuncPtr]:
+def _glibc_mallopt() -> Optional[Callable[[int, int], int]]:
     """glibc's ``mallopt`` if this process runs on glibc's allocator, else None."""
     if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc, ...
         return None
@@ -55,8 +56,10 @@ def tune_malloc(enabled: bool = True) -> str:
         return _state or "disabled by the config"
     if os.environ.get(OPT_OUT_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         _state = f"disabled by ${OPT_OUT_ENV}"
-    elif any(v in os.environ for v in GLIBC_ENV):
-        _state = "left to the MALLOC_* environment variables"
+    elif any(v in os.environ for v in GLIBC_ENV) or any(
+        t in os.environ.get("GLIBC_TUNABLES", "") for t in GLIBC_TUNABLES
+    ):
+        _state = "left to the MALLOC_* / GLIBC_TUNABLES environment variables"
     else:
         mallopt = _glibc_mallopt()
         if mallopt is None:
