@@ -73,7 +73,7 @@ def test_large_tensors_reuse_freed_memory_instead_of_faulting_it_in_again():
     [{"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}],
 )
 def test_the_users_own_malloc_settings_win(env):
-    res = _python("import json, coop.malloc_tuning as m; print(json.dumps(m.tune_malloc()))", **env)
+    res = _python("import json, coop.fast.malloc as m; print(json.dumps(m.tune_malloc()))", **env)
     assert res == "left to the MALLOC_* / GLIBC_TUNABLES environment variables"
 
 
