@@ -61,6 +61,10 @@ class CLIPTrainer:
 
     image_encoder_frozen = True  # only then are cached image features used
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
+    # the precision switches build_model sets (a method that builds its own model keeps these)
+    use_amp = False
+    use_bf16 = False
+    scaler = None
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)  # type: ignore[call-arg] - the host's: data, model, evaluator
@@ -82,11 +86,6 @@ class CLIPTrainer:
             if "add_config" in vars(klass):
                 return None if klass is CLIPTrainer else klass.__name__.upper()
         return None
-
-    def method_cfg(self) -> Any:
-        """This method's config node ``TRAINER.<NAME>`` (None for a method without one)."""
-        name = self.config_node_name()
-        return self.cfg.TRAINER.get(name) if name else None
 
     @classmethod
     def check_cfg(cls, cfg: Any) -> None:
@@ -219,8 +218,7 @@ class CLIPTrainer:
         """``(images, labels)`` on the device (the official CoOp trainer's override)."""
         return self._to_device(batch["img"]), self._to_device(batch["label"])
 
-    def parse_batch_test(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self._to_device(batch["img"]), self._to_device(batch["label"])
+    parse_batch_test = parse_batch_train
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=self.non_blocking_copies())
@@ -232,7 +230,7 @@ class CLIPTrainer:
         return bool(self.cfg.FAST.ENABLED)
 
     def autocast(self) -> Any:
-        if self.__dict__.get("use_bf16"):
+        if self.use_bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -281,7 +279,7 @@ class CLIPTrainer:
 
     def clip_dtype(self) -> torch.dtype:
         """The precision image features are computed in (part of the cache key)."""
-        return torch.bfloat16 if self.__dict__.get("use_bf16") else self.model.dtype
+        return torch.bfloat16 if self.use_bf16 else self.model.dtype
 
     def image_channels_last(self) -> bool:
         """Whether ``image_features`` runs a channels-last image encoder (cache key)."""

@@ -165,13 +165,12 @@ def register_into_dassl(replace: bool = False) -> List[str]:
     A name Dassl already has from elsewhere (e.g. the official CoOp repository's ``CoOp``
     or ``Caltech101``) is a :class:`~coop.registry.RegistryError` naming both classes,
     unless ``replace=True``, which puts ours in its place (logged)."""
-    import_dassl()
+    host = dassl_host()  # imports Dassl, attaches the log, applies the torch fixes
     from dassl.data.datasets import DATASET_REGISTRY as DASSL_DATASETS
     from dassl.engine import TRAINER_REGISTRY as DASSL_TRAINERS
 
     from coop.hosts import on_host
 
-    host = dassl_host()
     wanted = [
         *((DASSL_TRAINERS, on_host(cls, host)) for _, cls in TRAINER_REGISTRY.items()),
         *((DASSL_DATASETS, dassl_dataset(cls)) for _, cls in DATASET_REGISTRY.items()),
@@ -201,8 +200,6 @@ def register_into_dassl(replace: bool = False) -> List[str]:
         registry.register(cls, force=True)
         added.append(cls.__name__)
     extend_dassl_cfg(importlib.import_module("dassl.config").cfg_default)
-    attach_logging()
-    apply_torch_fixes()
     return added
 
 

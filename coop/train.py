@@ -183,15 +183,8 @@ def run(args: argparse.Namespace):
 
     if getattr(args, "engine", "bundled") == "dassl":
         return run_on_dassl(args)
-    cfg = setup_cfg(args)
-    if cfg.SEED >= 0:
-        print(f"Setting fixed seed: {cfg.SEED}")
-        set_random_seed(cfg.SEED)
-    prepare_output_dir(cfg.OUTPUT_DIR)
+    cfg = prepare_run(args)
     setup_logger(cfg.OUTPUT_DIR)
-
-    if torch.cuda.is_available() and cfg.USE_CUDA:
-        torch.backends.cudnn.benchmark = True
 
     logger.info("***************")
     logger.info("** Arguments **")
@@ -204,11 +197,27 @@ def run(args: argparse.Namespace):
     logger.info(cfg)
     logger.info("Collecting env info ...")
     logger.info(f"** System info **\n{collect_env_info()}\n")
+    return drive(build_trainer(cfg, model_files(args)), args)
 
-    checkpoints = []
+
+def prepare_run(args: argparse.Namespace, base: Any = None) -> Any:
+    """The steps before any log or model, on either engine: the config (from ``base``
+    defaults), the seed, the output folder and cuDNN's autotuner on CUDA."""
+    cfg = setup_cfg(args, base=base)
+    if cfg.SEED >= 0:
+        print(f"Setting fixed seed: {cfg.SEED}")
+        set_random_seed(cfg.SEED)
+    prepare_output_dir(cfg.OUTPUT_DIR)
+    if torch.cuda.is_available() and cfg.USE_CUDA:
+        torch.backends.cudnn.benchmark = True
+    return cfg
+
+
+def model_files(args: argparse.Namespace) -> List[str]:
+    """For ``--eval-only --model-dir``: the checkpoint files the trainer will load."""
     if args.eval_only and args.model_dir:
-        checkpoints = check_model_dir(args.model_dir, args.load_epoch)
-    return drive(build_trainer(cfg, checkpoints), args)
+        return check_model_dir(args.model_dir, args.load_epoch)
+    return []
 
 
 def drive(trainer: Any, args: argparse.Namespace) -> Any:
@@ -233,16 +242,8 @@ def run_on_dassl(args: argparse.Namespace):
     from dassl.engine import TRAINER_REGISTRY as DASSL_TRAINERS
     from dassl.engine import build_trainer
 
-    cfg = setup_cfg(args, base=extend_dassl_cfg(dassl_cfg_default()))
-    if cfg.SEED >= 0:
-        print(f"Setting fixed seed: {cfg.SEED}")
-        set_random_seed(cfg.SEED)
-    prepare_output_dir(cfg.OUTPUT_DIR)
-    if torch.cuda.is_available() and cfg.USE_CUDA:
-        torch.backends.cudnn.benchmark = True
-    checkpoints = []
-    if args.eval_only and args.model_dir:
-        checkpoints = check_model_dir(args.model_dir, args.load_epoch)
+    cfg = prepare_run(args, base=extend_dassl_cfg(dassl_cfg_default()))
+    checkpoints = model_files(args)
     close_logger()  # Dassl's log takes this package's lines (coop.dassl_bridge.attach_logging)
     with dassl_log(cfg.OUTPUT_DIR):
         try:
