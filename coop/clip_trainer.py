@@ -61,6 +61,14 @@ class CLIPTrainer:
 
     image_encoder_frozen = True  # only then are cached image features used
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
+    # the folder of this method's shipped YAML files, ``configs/trainers/<config_dir>/``
+    # (None: the class name)
+    config_dir: Optional[str] = None
+    # the YAML (a file stem in ``config_dir``) each protocol preset of ``coop-sweep`` runs
+    # this method with, as the original scripts do: "fewshot" (the K-shot grid),
+    # "base2new" (train on base classes) and "xd" (train on ImageNet for cross-dataset
+    # transfer and domain generalisation)
+    protocol_configs: Dict[str, str] = {}
     # the precision switches build_model sets (a method that builds its own model keeps these)
     use_amp = False
     use_bf16 = False
@@ -74,6 +82,11 @@ class CLIPTrainer:
         tune_for_run(cfg, self.device.type)
 
     # ------------------------------------------------------------------ config
+    @classmethod
+    def config_folder(cls) -> str:
+        """``configs/trainers/<config_dir>`` under the package's shipped configs."""
+        return cls.config_dir or cls.__name__
+
     @classmethod
     def add_config(cls, cfg: Any) -> None:
         """Add this method's config node (``TRAINER.<NAME>``) with its defaults."""

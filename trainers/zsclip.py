@@ -26,6 +26,8 @@ def _template_for(dataset_name: str) -> str:
 class ZeroshotCLIP(CLIPTrainer):
     """CLIP with one hand-written prompt per class; nothing is trained."""
 
+    config_dir = "CoOp"  # run with CoOp's YAML files (backbone, test transform)
+
     def templates(self) -> List[str]:
         return [_template_for(self.cfg.DATASET.NAME)]
 
