@@ -59,6 +59,7 @@ class CLIPTrainer:
             cls = on_host(cls)
         return object.__new__(cls)
 
+    trains = True  # False: nothing is learned (no checkpoint; --eval-only needs no model)
     image_encoder_frozen = True  # only then are cached image features used
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
     # the folder of this method's shipped YAML files, ``configs/trainers/<config_dir>/``

@@ -92,38 +92,6 @@ def test_dassl_train_script_runs_coop_on_dassls_engine(data_root, tiny_vit, tmp_
     assert os.path.isfile(os.path.join(out, "prompt_learner", "model.pth.tar-2"))
 
 
-# ---------------------------------------------------------------------- engine parity
-def _trainer_names():
-    from coop.registry import TRAINER_REGISTRY
-
-    return sorted(name for name, _ in TRAINER_REGISTRY.items())
-
-
-@pytest.mark.parametrize("fast", ["True", "False"])
-@pytest.mark.parametrize("name", _trainer_names())
-def test_every_trainer_gives_the_same_numbers_on_both_engines(
-    data_root, learnable_clip, tmp_path, name, fast
-):
-    """fp32, 0 workers, the same seed: every logged loss and learning rate and the final
-    accuracy are equal on the bundled engine and on Dassl's."""
-    _dassl()
-    logs = {}
-    for engine in ("bundled", "dassl"):
-        out = str(tmp_path / engine)
-        argv = _short(
-            data_root, out, learnable_clip, "FAST.ENABLED", fast, "DATASET.NUM_SHOTS", "8"
-        )
-        argv[argv.index("--trainer") + 1] = name
-        assert main(["--engine", engine, *argv]) == 0
-        logs[engine] = os.path.join(out, "log.txt")
-    ours, theirs = (loss_lines(logs[e]) for e in ("bundled", "dassl"))
-    assert ours == theirs
-    assert len(ours) in (0, 4)  # nothing to train, or 2 epochs x 2 batches
-    assert _accuracy(logs["bundled"]) == _accuracy(logs["dassl"])
-    last = ours[-1] if ours else "(nothing trained)"
-    print(f"{name} FAST {fast}: {last}; accuracy {_accuracy(logs['dassl'])}% on both engines")
-
-
 # ---------------------------------------------------------------------- Dassl-side choices
 def test_dassl_transforms_samplers_and_evaluators_work_under_the_plugin(
     data_root, tiny_vit, tmp_path

@@ -26,6 +26,7 @@ def _template_for(dataset_name: str) -> str:
 class ZeroshotCLIP(CLIPTrainer):
     """CLIP with one hand-written prompt per class; nothing is trained."""
 
+    trains = False
     config_dir = "CoOp"  # run with CoOp's YAML files (backbone, test transform)
 
     def templates(self) -> List[str]:
