@@ -487,6 +487,7 @@ class Report:
             seeds[run.ident.seed] = run
         self.expected = list(expected)
         self.used_sources: Dict[str, None] = {}
+        self._zero_shot: Dict[Method, bool] = {}
         self.rep_config: Dict[Method, Dict[str, Any]] = {}
         for run in collected.runs:
             self.rep_config.setdefault(run.method, run.ident.config)
@@ -494,6 +495,9 @@ class Report:
     # -- helpers ------------------------------------------------------------------------
     def label(self, method: Method) -> str:
         return method.label(self.short)
+
+    def full_label(self, method: Method) -> str:
+        return f"{self.label(method)} [{method.backbone}]"
 
     def stat(self, key: tuple) -> Optional[Stat]:
         seeds = self.cells.get(key)
@@ -503,9 +507,11 @@ class Report:
 
     def is_zero_shot(self, method: Method) -> bool:
         """No run of the method sampled a few-shot training set and none loaded a model."""
-        return all(k[2] == 0 for k in self.cells if k[4] == method) and not any(
-            r.source for r in self.collected.runs if r.method == method
-        )
+        if method not in self._zero_shot:
+            self._zero_shot[method] = all(
+                k[2] == 0 for k in self.cells if k[4] == method
+            ) and not any(r.source for r in self.collected.runs if r.method == method)
+        return self._zero_shot[method]
 
     def lookup(
         self, method: Method, protocol: str, dataset: str, shots: int, metric: str = ""
@@ -649,9 +655,11 @@ class Report:
         targets = sorted({k[1] for k in keys}, key=_dataset_order)
         sources = sorted({k[5] for k in keys}, key=_dataset_order)
         groups = {(k[5], k[4], k[2]) for k in keys}
-        # zero-shot methods evaluated on the source and the targets join the table
+        backbones = {k[4].backbone for k in keys}
+        # zero-shot methods evaluated on the targets with the same backbones join the table
         for k in self.cells:
-            if k[0] in ("fewshot", "dg") and self.is_zero_shot(k[4]) and k[1] in targets:
+            if (k[0] in ("fewshot", "dg") and self.is_zero_shot(k[4]) and k[1] in targets
+                    and k[4].backbone in backbones):  # fmt: skip
                 for src in sources:
                     groups.add((src, k[4], k[2]))
         average = protocol == "xd"
@@ -668,7 +676,7 @@ class Report:
             stats = [self._target_stat(protocol, t, src, method, shots) for t in targets]
             pubs = [self.lookup(method, protocol, d, shots) for d in [src] + targets]
             ours = [s.mean if s else None for s in [src_stat] + stats]
-            avg = pub_avg = None
+            avg = None
             if average:
                 got = {t: s.mean for t, s in zip(targets, stats) if s}
                 missing = [t for t in XD_TARGETS if t not in got]
@@ -682,7 +690,6 @@ class Report:
                 p = self.lookup(method, protocol, "Average", shots)
                 pubs.append(p)
                 ours.append(avg)
-                pub_avg = p
             head = [self.label(method), method.backbone, shots]
             tail = [avg] if average else []
             rows.append(head + ["ours", src_stat] + stats + tail + ["", ""])
@@ -694,7 +701,6 @@ class Report:
                 where = "; ".join(sorted({f"{p.table} ({p.source})" for p in found}))
                 rows.append(head + ["published"] + pub_cells + [status, where])
                 rows.append(head + ["difference"] + diffs + ["", ""])
-            del pub_avg
         title = {"xd": "Cross-dataset transfer", "dg": "Domain generalization"}[protocol]
         notes.append("Source: the model's own test set (" + ", ".join(dataset_title(s) for s in sources)
                      + "); targets: evaluation-only runs of the same models."
@@ -743,7 +749,7 @@ class Report:
                 if lost:
                     where = f" ({k[3]} classes)" if protocol == "base2new" else ""
                     where += f" (from {dataset_title(k[5])})" if k[5] else ""
-                    rows.append(["seeds", protocol, dataset_title(k[1]), k[2], self.label(method),
+                    rows.append(["seeds", protocol, dataset_title(k[1]), k[2], self.full_label(method),
                                  f"seed {', '.join(map(str, lost))} missing (have "
                                  f"{', '.join(map(str, sorted(have)))}){where}"])  # fmt: skip
         rows += self._missing_cells()
@@ -755,7 +761,7 @@ class Report:
                 rows.append(["expected", "", "", "", "", f"{path}: no result"])
         for kept, dup in self.duplicates:
             rows.append(["duplicate", dup.protocol, dataset_title(dup.dataset), dup.ident.shots,
-                         self.label(dup.method), f"{dup.path} repeats seed {dup.ident.seed} of "
+                         self.full_label(dup.method), f"{dup.path} repeats seed {dup.ident.seed} of "
                          f"{kept.path} (not counted)"])  # fmt: skip
         return Table("missing", "Missing runs", cols, rows,
                      ["Seeds are checked against all the seeds a method has in the protocol; "
@@ -763,10 +769,15 @@ class Report:
 
     def _missing_cells(self) -> List[List[Any]]:
         rows = []
+        # the grid of a method: the datasets and shot counts of the trained methods with its
+        # backbone (for a zero-shot method: the datasets of all methods with its backbone)
         few = [k for k in self.cells if k[0] == "fewshot"]
-        datasets = sorted({k[1] for k in few}, key=_dataset_order)
-        shots = sorted({k[2] for k in few if k[2] > 0})
         for method in self.methods("fewshot"):
+            zero_shot = self.is_zero_shot(method)
+            same = [k for k in few if k[4].backbone == method.backbone
+                    and (zero_shot or not self.is_zero_shot(k[4]))]  # fmt: skip
+            datasets = sorted({k[1] for k in same}, key=_dataset_order)
+            shots = sorted({k[2] for k in same if k[2] > 0})
             have = {(k[1], k[2]) for k in few if k[4] == method}
             grid = (
                 [(d, 0) for d in datasets]
@@ -775,24 +786,25 @@ class Report:
             )
             for d, s in grid:
                 if (d, s) not in have:
-                    rows.append(["cell", "fewshot", dataset_title(d), s, self.label(method),
+                    rows.append(["cell", "fewshot", dataset_title(d), s, self.full_label(method),
                                  "no run"])  # fmt: skip
         b2n = [k for k in self.cells if k[0] == "base2new"]
-        datasets = sorted({k[1] for k in b2n}, key=_dataset_order)
-        for method, s in sorted({(k[4], k[2]) for k in b2n}, key=lambda g: self.label(g[0])):
+        for method, s in sorted({(k[4], k[2]) for k in b2n}, key=lambda g: self.full_label(g[0])):
+            datasets = sorted({k[1] for k in b2n if k[4].backbone == method.backbone},
+                              key=_dataset_order)  # fmt: skip
             for d in datasets:
                 for sub in ("base", "new"):
                     if ("base2new", d, s, sub, method, "") not in self.cells:
-                        rows.append(["cell", "base2new", dataset_title(d), s, self.label(method),
+                        rows.append(["cell", "base2new", dataset_title(d), s, self.full_label(method),
                                      f"no {sub}-class run"])  # fmt: skip
         for protocol in ("xd", "dg"):
             keys = [k for k in self.cells if k[0] == protocol]
-            targets = sorted({k[1] for k in keys}, key=_dataset_order)
             for src, method, s in sorted({(k[5], k[4], k[2]) for k in keys},
                                          key=lambda g: (g[0], self.label(g[1]))):  # fmt: skip
-                for t in targets:
+                same = {k[1] for k in keys if k[4].backbone == method.backbone and k[5] == src}
+                for t in sorted(same, key=_dataset_order):
                     if (protocol, t, s, "all", method, src) not in self.cells:
-                        rows.append(["cell", protocol, dataset_title(t), s, self.label(method),
+                        rows.append(["cell", protocol, dataset_title(t), s, self.full_label(method),
                                      f"no evaluation of the {dataset_title(src)} model"])  # fmt: skip
         return rows
 
@@ -827,12 +839,17 @@ def _text(cell: Any, fmt: str) -> str:
     if cell is None:
         return "" if fmt == "csv" else "-"
     if isinstance(cell, Stat):
-        return f"{cell.mean:.2f}{pm}{cell.spread:.2f}"
+        return f"{_two(cell.mean)}{pm}{_two(cell.spread)}"
     if isinstance(cell, Pub):
-        return f"{cell.value:.2f} [{cell.status}]"
+        return f"{_two(cell.value)} [{cell.status}]"
     if isinstance(cell, float):
-        return f"{cell:.2f}"
+        return _two(cell)
     return str(cell)
+
+
+def _two(x: float) -> str:
+    text = f"{x:.2f}"
+    return "0.00" if text == "-0.00" else text
 
 
 def render_terminal(table: Table) -> str:

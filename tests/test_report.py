@@ -185,14 +185,12 @@ def test_missing_runs(fewshot_tree, tmp_path):
     t = _report(fewshot_tree, expected=expected).missing_table()
     rows = [tuple(r) for r in t.rows]
     seeds = [r for r in rows if r[0] == "seeds"]
-    assert seeds == [("seeds", "fewshot", "OxfordPets", 16, MID_LABEL,
+    assert seeds == [("seeds", "fewshot", "OxfordPets", 16, MID_LABEL + " [RN50]",
                       "seed 3 missing (have 1, 2)")]  # fmt: skip
-    cells = sorted((r[2], r[3], r[4]) for r in rows if r[0] == "cell")
-    # the grid: the datasets with few-shot runs x the shot counts seen
-    coop_cells = [c for c in cells if c[2] != "ZeroshotCLIP"]
-    assert ("Caltech101", 1, MID_LABEL) in coop_cells
-    assert ("ImageNet", 16, END_LABEL) in coop_cells and len(coop_cells) == 2 * 9 * 2 + 1
-    assert not [c for c in cells if c[2] == "ZeroshotCLIP"]
+    # the grid: the datasets x shot counts of the trained methods (zero-shot CLIP's eleven
+    # datasets are not asked of CoOp), and zero-shot CLIP has every dataset
+    cells = [(r[2], r[3], r[4]) for r in rows if r[0] == "cell"]
+    assert cells == [("Caltech101", 1, MID_LABEL + " [RN50]")]
     incomplete = [r for r in rows if r[0] == "incomplete"]
     assert len(incomplete) == 1 and "caltech101/CoOp/end_2/seed1" in incomplete[0][5]
     exp = [r for r in rows if r[0] == "expected"]
@@ -252,6 +250,10 @@ def test_every_format_parses_back_to_the_numbers(fewshot_tree, tmp_path):
 
     text = render(tables, "terminal")
     assert f"{want[0]:.2f} +- {want[1]:.2f}" in text
+    # 92.0033 - 92.00 prints as 0.00, not -0.00
+    cells = [re.split(r"\s{2,}", ln) for ln in text.splitlines()]
+    (row,) = [c for c in cells if c[:3] == ["Caltech101", "16", END_LABEL]]
+    assert row[5:9] == ["92.00 +- 0.15", "92.00", "0.00", "V"]
     with open(os.path.join(out, "report.txt"), encoding="utf-8") as f:
         assert f.read() == text
 
@@ -338,31 +340,41 @@ def _xd_tree(root):
 def test_cross_dataset_and_dg_tables(tmp_path):
     root = str(tmp_path)
     src, tgt = _xd_tree(root)
+    # zero-shot CLIP joins the table of its own backbone only
+    for backbone, acc in (("ViT-B/16", 92.5), ("RN50", 86.0)):
+        run(root, f"zs/{backbone[:3]}", "ZeroshotCLIP", "Caltech101", acc, shots=-1, seed=-1,
+            backbone=backbone)  # fmt: skip
     rep = _report(root)
-    protocols = {(r.dataset, r.protocol) for r in rep.collected.runs}
+    protocols = {(r.dataset, r.protocol) for r in rep.collected.runs if r.trainer == "CoOp"}
     assert protocols == {("ImageNet", "fewshot"), ("Caltech101", "xd"), ("OxfordPets", "xd"),
                          ("ImageNetV2", "dg")}  # fmt: skip
     xd = rep.transfer_table("xd")
     assert xd.columns[4:7] == ["Source", "Caltech101", "OxfordPets"]
-    (ours,) = _rows(xd, Row="ours")
+    (zs,) = _rows(xd, Row="ours", Method="ZeroshotCLIP")
+    assert zs[1] == "ViT-B/16" and zs[4] is None and zs[5].mean == 92.5 and zs[6] is None
+    (ours,) = _rows(xd, Row="ours", Method="CoOp")
     assert ours[4].mean == pytest.approx(np.mean(list(src.values())))
     assert ours[5].mean == pytest.approx(93.5) and ours[6].std == pytest.approx(0.5)
     assert ours[5].n == 2 and _col(xd, ours, "Shots") == 16  # from the loaded model's run
     assert _col(xd, ours, "Average") is None  # 2 of the 10 targets
     assert any("no target average" in n and "DTD" in n for n in xd.notes)
-    (pub,) = _rows(xd, Row="published")
+    (pub,) = _rows(xd, Row="published", Method="CoOp")
     assert [pub[4].value, pub[5].value, pub[6].value] == [71.51, 93.70, 89.14]
     assert pub[4].status == "R" and _col(xd, pub, "Average").value == 63.88
-    (diff,) = _rows(xd, Row="difference")
+    (diff,) = _rows(xd, Row="difference", Method="CoOp")
     assert diff[4] == pytest.approx(71.5 - 71.51) and diff[6] == pytest.approx(88.5 - 89.14)
     dg = rep.transfer_table("dg")
-    (ours,) = _rows(dg, Row="ours")
+    (ours,) = _rows(dg, Row="ours", Method="CoOp")
     assert dg.columns[5] == "ImageNetV2" and ours[5].mean == pytest.approx(64.5)
-    (pub,) = _rows(dg, Row="published")
+    (pub,) = _rows(dg, Row="published", Method="CoOp")
     assert pub[5].value == 64.20  # CoCoOp Table 3's CoOp row
     # the ImageNet training runs are also few-shot results
     (row,) = _rows(rep.fewshot_table(), Dataset="ImageNet")
     assert row[5].mean == pytest.approx(71.5)
+    # the grid is per backbone, and a trained method's is that of the trained methods: the
+    # ViT-B/16 CoOp misses no Caltech101 cell; zero-shot CLIP misses the source dataset
+    cells = [r[2:5] for r in rep.missing_table().rows if r[0] == "cell"]
+    assert cells == [["ImageNet", 0, "ZeroshotCLIP [ViT-B/16]"]]
 
 
 def test_cli_prints_and_writes(fewshot_tree, tmp_path, capsys):
