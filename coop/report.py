@@ -273,24 +273,34 @@ def run_from_log(folder: str) -> Optional[Run]:
 @dataclass
 class Collected:
     runs: List[Run]
-    incomplete: List[str]  # folders with a log but no result yet
+    incomplete: List[Tuple[str, str]]  # (folder, why it gives no result)
     skipped: List[str] = field(default_factory=list)  # results of other splits
 
 
 def collect(root: str) -> Collected:
     """Every run under ``root`` (a folder with ``results.json``, else with a ``log.txt``
-    that holds a result)."""
+    that holds a result). A ``results.json`` that cannot be read falls back to the log; a
+    folder that yields no result is listed with the reason."""
     if not os.path.isdir(root):
         raise ReportError(f"{root}: no such folder")
-    runs, incomplete, skipped = [], [], []
+    runs: List[Run] = []
+    incomplete: List[Tuple[str, str]] = []
+    skipped: List[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        why = "log.txt holds no result yet"
         if "results.json" in filenames:
-            run = read_results_json(dirpath)
-            (runs.append(run) if run else skipped.append(dirpath))
-        elif "log.txt" in filenames:
+            try:
+                run = read_results_json(dirpath)
+            except ReportError as e:
+                logger.warning("%s; reading its log.txt instead", e)
+                why = f"{e}, and log.txt holds no result"
+            else:
+                (runs.append(run) if run else skipped.append(dirpath))
+                continue
+        if "log.txt" in filenames or "results.json" in filenames:
             run = run_from_log(dirpath)
-            (runs.append(run) if run else incomplete.append(dirpath))
+            (runs.append(run) if run else incomplete.append((dirpath, why)))
     _link_sources(runs)
     for run in runs:
         run.protocol = _protocol(run)
@@ -753,8 +763,8 @@ class Report:
                                  f"seed {', '.join(map(str, lost))} missing (have "
                                  f"{', '.join(map(str, sorted(have)))}){where}"])  # fmt: skip
         rows += self._missing_cells()
-        for path in self.collected.incomplete:
-            rows.append(["incomplete", "", "", "", "", f"{path}: log.txt holds no result yet"])
+        for path, why in self.collected.incomplete:
+            rows.append(["incomplete", "", "", "", "", f"{path}: {why}"])
         known = {os.path.realpath(r.path) for r in self.collected.runs}
         for path in self.expected:
             if os.path.realpath(path) not in known:

@@ -104,6 +104,12 @@ def _fewshot_tree(root, zs_datasets=ELEVEN):
     os.makedirs(unfinished)
     cfg = _config(unfinished, "CoOp", "Caltech101", 2, 1, "all", "RN50", None, 100)
     _log(unfinished, cfg, 0.0, result=False)
+    # a results.json cut short (its log is read instead)
+    cut = run(root, "oxfordpets/CoOp/end_16/seed9", "CoOp", "OxfordPets", 10.0, seed=9,
+              json_file=False)  # fmt: skip
+    with open(os.path.join(cut, "results.json"), "w", encoding="utf-8") as f:
+        f.write('{"trainer": "Co')
+    _log(cut, _config(cut, "CoOp", "OxfordPets", 16, 9, "all", "RN50", None, 200), 0, result=False)
     return root
 
 
@@ -191,8 +197,12 @@ def test_missing_runs(fewshot_tree, tmp_path):
     # datasets are not asked of CoOp), and zero-shot CLIP has every dataset
     cells = [(r[2], r[3], r[4]) for r in rows if r[0] == "cell"]
     assert cells == [("Caltech101", 1, MID_LABEL + " [RN50]")]
-    incomplete = [r for r in rows if r[0] == "incomplete"]
-    assert len(incomplete) == 1 and "caltech101/CoOp/end_2/seed1" in incomplete[0][5]
+    incomplete = sorted(r[5] for r in rows if r[0] == "incomplete")
+    assert len(incomplete) == 2
+    assert incomplete[0].endswith("caltech101/CoOp/end_2/seed1: log.txt holds no result yet")
+    assert "oxfordpets/CoOp/end_16/seed9: " in incomplete[1]
+    assert "results.json: not a readable results file" in incomplete[1]
+    assert incomplete[1].endswith("and log.txt holds no result")
     exp = [r for r in rows if r[0] == "expected"]
     assert len(exp) == 1 and exp[0][5].startswith(expected[1])
 
@@ -443,6 +453,9 @@ def test_a_method_unknown_to_the_report_appears_from_its_results(tmp_path):
 def test_curves_plot_the_table_numbers_in_the_paper_style(fewshot_tree, tmp_path):
     from coop.report_figures import draw_figures, save_figures
 
+    lp = {1: 70.0, 16: 88.0}
+    for shots, acc in lp.items():
+        run(fewshot_tree, f"lp/{shots}/seed1", "LinearProbeCLIP", "Caltech101", acc, shots=shots)
     rep = _report(fewshot_tree)
     figs = draw_figures(rep)
     assert {"Caltech101", "OxfordPets", "ImageNet", "DTD", "average"} <= set(figs)
@@ -460,10 +473,14 @@ def test_curves_plot_the_table_numbers_in_the_paper_style(fewshot_tree, tmp_path
     )
     mid = lines[r"CLIP + CoOp ($M\!=\!16$, mid)"]
     assert list(mid.get_xdata()) == [16] and mid.get_color() == "C2"
+    probe = lines["Linear probe CLIP"]
+    assert (probe.get_color(), probe.get_linestyle()) == ("C4", ":")
+    assert list(probe.get_xdata()) == [1, 16] and list(probe.get_ydata()) == [70.0, 88.0]
     (star,) = [ln for ln in ax.lines if ln.get_marker() == "*"]
     assert list(star.get_xdata()) == [0] and list(star.get_ydata()) == [ZS["Caltech101"]]
     assert [t.get_text() for t in ax.texts] == ["Zero-shot\nCLIP"]
-    values = [ZS["Caltech101"]] + [np.mean(v) for k, v in FEW.items() if k[1] == "Caltech101"]
+    values = [ZS["Caltech101"], *lp.values()]
+    values += [np.mean(v) for k, v in FEW.items() if k[1] == "Caltech101"]
     span = max(values) - min(values)
     assert ax.get_ylim() == pytest.approx((min(values) - 0.05 * span, max(values) + 0.05 * span))
     assert ax.get_legend() is not None
