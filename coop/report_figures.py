@@ -7,7 +7,8 @@ with a white horizontal line and the text "Zero-shot\\nCLIP" below it; the CoOp 
 colours C0 (end), C2 (mid), C1 (end, CSC), C3 (mid, CSC) with 'o' markers of size 3; the
 linear probe is C4, dotted; grey (#EBEBEB) face with a white x grid, font size 12, y limits
 padded by 5% of the range, legend at the lower right. Other methods take the next colours.
-The star's colour is not given by the original; it is black here.
+The star's colour is not given by the original; it is black here. Where the zero-shot text
+would fall below the axes (the zero-shot score is the lowest), it goes above the star.
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ def draw_curve(
                 ax.axhline(ys[0], color="white", zorder=0)
                 ax.plot(xs, ys, marker="*", markersize=12, color=ZERO_SHOT_COLOUR,
                         linestyle="none", label="_" + label)  # fmt: skip
-                ax.text(-0.5, ys[0] - 0.11 * span, ZERO_SHOT_TEXT.get(m.trainer, label))
+                # below the star as in the original, or above it where that leaves the axes
+                below = ys[0] - 0.11 * span
+                y = below if below >= lo - 0.05 * span else ys[0] + 0.03 * span
+                ax.text(-0.5, y, ZERO_SHOT_TEXT.get(m.trainer, label))
                 continue
             ax.plot(xs, ys, marker="o", markersize=3, color=colour, linestyle=ls, label=label)
         ax.set_xticks(X_TICKS)
