@@ -287,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return print_status(runs)
     if args.retry_failed:
         runs = retry_selection(runs)
-        print(f"Retrying {len(runs)} runs", flush=True)
+        print(f"{'# ' if args.dry_run else ''}Retrying {len(runs)} runs", flush=True)
     if args.dry_run:
         print_dry_run(runs)
         return 0
@@ -302,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"coop-sweep: error: {e}", file=sys.stderr)
         return 2
     if not executor.waits:
-        print(f"Follow it with: coop-sweep status {shlex.join([preset, *rest])}", flush=True)
+        print(f"Follow it with: coop-sweep status {preset} <the same preset options>", flush=True)
         return 0
     print(f"Sweep of {len(runs)} runs in {time.perf_counter() - t0:.1f} s", flush=True)
     for line in summarize(runs):

@@ -273,6 +273,7 @@ class Planner:
         }  # fmt: skip
         node = cfg.TRAINER.get(self.node) if self.node else None
         opts: List[str] = []
+        user_keys = set(self.user_opts[0::2])
         for key in method_keys:
             if node is None or key not in node:
                 raise SweepError(
@@ -281,12 +282,14 @@ class Planner:
                     f"protocol_dirs[{step.dir_key!r}] on the trainer"
                 )
             values[key] = node[key]
-            # the keys the folder shows are passed as opts, as the scripts pass their arguments
-            opts += [f"TRAINER.{self.node}.{key}", _fmt(node[key])]
+            # the keys the folder shows are passed as opts, as the scripts pass their
+            # arguments (the user's own opt for one comes later anyway)
+            if f"TRAINER.{self.node}.{key}" not in user_keys:
+                opts += [f"TRAINER.{self.node}.{key}", _fmt(node[key])]
         out = os.path.join(self.args.output, pattern.format(**values))
         knob_pairs = self.knob_opts(knobs)
         for key, value in zip(knob_pairs[0::2], knob_pairs[1::2]):
-            if key not in opts[0::2]:
+            if key not in opts[0::2] and key not in user_keys:
                 opts += [key, value]
         opts += step.protocol_opts + self.user_opts
         argv = ["--root", self.args.root]
