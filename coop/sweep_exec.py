@@ -311,6 +311,12 @@ class LocalExecutor(Executor):
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.slots)))
         os.makedirs(run.out, exist_ok=True)
         with open(os.path.join(run.out, CONSOLE), "ab") as console:
+            gpu = f" on GPU {slot}" if slot is not None else ""
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            console.write(
+                f"== coop-sweep: started {stamp} (unix {time.time():.3f}){gpu}\n".encode()
+            )
+            console.flush()
             return subprocess.Popen(
                 [sys.executable, "-m", "coop.sweep_exec", run.to_json()],
                 stdout=console,
