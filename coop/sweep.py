@@ -278,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     args = build_parser(preset, status).parse_args(rest)
     try:
-        runs = plan(preset, args)
+        runs = plan(preset, args, check_root=not status)
         executor = None if status or args.dry_run else _executor(args)
     except SweepError as e:
         print(f"coop-sweep: error: {e}", file=sys.stderr)

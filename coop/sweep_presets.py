@@ -196,10 +196,6 @@ def _check_cfg_file(folder: str, stem: str, what: str) -> str:
     return path
 
 
-def _fmt(value: Any) -> str:
-    return str(value)
-
-
 @dataclass
 class Step:
     """One kind of run of a protocol (a training run or an evaluation of one)."""
@@ -224,14 +220,16 @@ class Planner:
         self.node = _node_name(self.cls)
         self.configs = _Configs()
         self.user_opts = list(args.opts or [])
+        self._node_keys: Optional[List[str]] = None
 
     def node_keys(self) -> List[str]:
-        from coop.config import get_cfg_default
+        """The keys of the method's config node (none for a method without one)."""
+        if self._node_keys is None:
+            from coop.config import get_cfg_default
 
-        if not self.node:
-            return []
-        node = get_cfg_default().TRAINER.get(self.node)
-        return list(node.keys()) if node is not None else []
+            node = get_cfg_default().TRAINER.get(self.node) if self.node else None
+            self._node_keys = list(node.keys()) if node is not None else []
+        return self._node_keys
 
     def stem(self, protocol: str, dataset: str, shots: int) -> str:
         if self.args.cfg:
@@ -251,7 +249,7 @@ class Planner:
                     f"--{flag}: trainer {self.trainer} has no TRAINER."
                     f"{self.node or '<node>'}.{key} key"
                 )
-            opts += [f"TRAINER.{self.node}.{key}", _fmt(value)]
+            opts += [f"TRAINER.{self.node}.{key}", str(value)]
         return opts
 
     def make_run(
@@ -285,7 +283,7 @@ class Planner:
             # the keys the folder shows are passed as opts, as the scripts pass their
             # arguments (the user's own opt for one comes later anyway)
             if f"TRAINER.{self.node}.{key}" not in user_keys:
-                opts += [f"TRAINER.{self.node}.{key}", _fmt(node[key])]
+                opts += [f"TRAINER.{self.node}.{key}", str(node[key])]
         out = os.path.join(self.args.output, pattern.format(**values))
         knob_pairs = self.knob_opts(knobs)
         for key, value in zip(knob_pairs[0::2], knob_pairs[1::2]):
@@ -533,10 +531,11 @@ PRESETS = {
 DEFAULT_TRAINER = {"zeroshot": ZEROSHOT_TRAINER, "linear-probe": "LinearProbeCLIP"}
 
 
-def plan(preset: str, args: argparse.Namespace) -> List[Run]:
+def plan(preset: str, args: argparse.Namespace, check_root: bool = True) -> List[Run]:
     """The runs of ``preset`` in dependency order (a training run before its evaluations);
-    raises :class:`SweepError` for anything that would make a run fail at once."""
-    if not os.path.isdir(args.root):
+    raises :class:`SweepError` for anything that would make a run fail at once
+    (``check_root``: the datasets folder must exist, which a status query does not need)."""
+    if check_root and not os.path.isdir(args.root):
         raise SweepError(f"--root {args.root}: no such folder")
     from coop.registry import register_builtins
 

@@ -149,7 +149,9 @@ def test_status_reads_each_runs_folder(data_root, tmp_path, capsys):
         f"missing  {dirs[3]}",
         "4 runs: 1 done, 1 running, 1 failed, 1 missing",
     ]
-    # the lock released: that run is no longer running; status wrote nothing
+    # the lock released: that run is no longer running; status wrote nothing, and needs
+    # no datasets folder (a login node without the data)
+    grid[grid.index("--root") + 1] = str(tmp_path / "no_data_here")
     assert main(["status", *grid]) == 1
     assert capsys.readouterr().out.splitlines()[1] == f"missing  {dirs[1]}"
     assert not os.path.exists(dirs[3])
