@@ -63,7 +63,8 @@ def main() -> int:
         )
         for rep in range(args.reps):
             out_a, out_b = (os.path.join(plan.tmp, f"{s}{rep}") for s in "ab")
-            commands = [shlex.split(line) for line in sweep(out_a, "--dry-run").stdout.splitlines()]
+            listing = sweep(out_a, "--dry-run").stdout.splitlines()
+            commands = [shlex.split(ln) for ln in listing if ln.startswith("coop-train ")]
             t0 = time.perf_counter()
             for cmd in commands:  # coop-train ARGS -> python -m coop.train ARGS
                 subprocess.run([sys.executable, "-m", "coop.train", *cmd[1:]], env=child_env,

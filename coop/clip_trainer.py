@@ -68,8 +68,15 @@ class CLIPTrainer:
     # the YAML (a file stem in ``config_dir``) each protocol preset of ``coop-sweep`` runs
     # this method with, as the original scripts do: "fewshot" (the K-shot grid),
     # "base2new" (train on base classes) and "xd" (train on ImageNet for cross-dataset
-    # transfer and domain generalisation)
+    # transfer and domain generalisation; "dg" where that differs); "<protocol>.<dataset>"
+    # and "<protocol>.<K>shots" refine a protocol's file (the most specific key wins)
     protocol_configs: Dict[str, str] = {}
+    # output folder patterns of the protocols where the method's original scripts differ
+    # from CoOp's main.sh and CoCoOp's scripts (coop.sweep_presets.DEFAULT_DIRS): keys
+    # "fewshot", "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_train",
+    # "dg_test", "zeroshot"; fields {dataset} {trainer} {cfg} {shots} {seed} and the keys of
+    # the method's config node (e.g. {N_CTX})
+    protocol_dirs: Dict[str, str] = {}
     # the precision switches build_model sets (a method that builds its own model keeps these)
     use_amp = False
     use_bf16 = False

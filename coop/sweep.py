@@ -1,193 +1,77 @@
-"""``coop-sweep``: the paper's few-shot grid (datasets x shot counts x seeds) in one process.
+"""``coop-sweep``: the paper's protocols as sweeps of ``coop-train`` runs.
 
-Each run is exactly the ``coop-train`` run that ``scripts/main.sh`` starts for the same
-dataset, config, shot count and seed, with the same output folder
-(``<output>/<dataset>/CoOp/<cfg>_<shots>shots/nctx<N>_csc<CSC>_ctp<CTP>/seed<S>``), the same
-skipping of finished runs and resuming of unfinished ones. Running them in one Python
-process saves what every new process pays before its first step: importing torch and
-torchvision (about 4 s on a CPU, more with CUDA's start-up), which for short runs (few
-shots, the opt-in training feature cache) can exceed the run itself. Every run re-seeds all
-generators and builds its trainer from scratch, so the numbers equal separate processes'.
+    coop-sweep [fewshot] --root DATA --datasets caltech101,dtd      # main.sh's grid
+    coop-sweep ablation|zeroshot|linear-probe|base2new|xd|dg --root DATA ... [KEY VALUE ...]
+    coop-sweep status PRESET --root DATA ...                       # done/running/failed/missing
 
-By default the config file follows the paper's schedule for the backbone (``--backbone
-rn50``: 1 shot ``rn50_ep50``, 2 and 4 shots ``rn50_ep100``, 8 and 16 shots ``rn50``;
-ImageNet always ``*_ep50``); ``--cfg NAME`` uses one file for every run. ``--zeroshot`` also
-runs the zero-shot CLIP baseline of each dataset first, as ``scripts/zeroshot.sh`` does
-(``<output>/ZeroshotCLIP/<backbone>/<dataset>``, skipped when its ``results.json`` exists).
-At the end it prints, per dataset, config and shot count, the mean and standard deviation
-of the seeds' test accuracy in ``parse_test_res.py``'s form (``np.std``, population), from
-each run's ``results.json`` at full precision (``coop-parse`` reads the logs' one-decimal
-values, as ``parse_test_res.py`` does, so the second decimal can differ).
+Each preset (:mod:`coop.sweep_presets`) lists the runs the original scripts start, with
+their arguments and output folders, for any trainer (``--trainer``); ``--dry-run`` prints
+them as a shell script (every run's state, folder and command line, finished ones commented
+out). Runs are skipped once finished and resumed when unfinished, and an evaluation runs
+after its training run. An executor runs them (:mod:`coop.sweep_exec`): in this process, one
+after the other (the default: each run saves the start-up of a new Python process, and
+re-seeds and builds its trainer anew, so the numbers equal separate processes'); ``--executor
+local``, child processes, one per visible GPU or ``--max-parallel`` on a CPU machine;
+``--executor slurm``, Slurm job arrays through submitit (:mod:`coop.sweep_slurm`). Every run
+keeps its state in its own folder, so ``status`` and ``--retry-failed`` work whichever
+executor ran it, and several sweeps of the same grid share it out (per-run locks).
 
-    coop-sweep --root /path/to/datasets --datasets caltech101,oxford_pets
-    coop-sweep --root DATA --datasets imagenet --shots 16 --backbone vit_b16 --dry-run
+At the end of a sweep that waited for its runs, it prints per folder of seeds the mean and
+standard deviation of their test accuracy in ``parse_test_res.py``'s form (``np.std``,
+population), from each run's ``results.json`` at full precision.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
 import shlex
 import sys
 import time
-import traceback
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-PAPER_SHOTS = (1, 2, 4, 8, 16)
-PAPER_SEEDS = (1, 2, 3)
+from coop.sweep_exec import (
+    STATES,
+    Executor,
+    InProcessExecutor,
+    LocalExecutor,
+    Run,
+    is_done,
+    read_error_record,
+    run_state,
+    visible_gpus,
+)
+from coop.sweep_presets import (
+    DEFAULT_TRAINER,
+    PAPER_DATASETS,
+    PAPER_SEEDS,
+    PAPER_SHOTS,
+    PRESETS,
+    SOURCE,
+    STUDIES,
+    SweepError,
+    plan,
+    protocol_cfg,
+    trainer_class,
+    with_backbone,
+)
+
+__all__ = ["Run", "SweepError", "main", "paper_cfg", "plan", "summarize", "read_accuracy"]
+
 TRAINER = "CoOp"
-ZEROSHOT = "ZeroshotCLIP"
 
 
-def paper_cfg(backbone: str, shots: int, dataset: str) -> str:
-    """The trainer config the paper uses for ``shots`` (COOP.md): 1 shot -> ``*_ep50``,
-    2 and 4 shots -> ``*_ep100``, 8 and 16 shots -> the 200-epoch file; ImageNet always
-    ``*_ep50``."""
-    if dataset == "imagenet" or shots == 1:
-        return f"{backbone}_ep50"
-    if shots in (2, 4):
-        return f"{backbone}_ep100"
-    return backbone
-
-
-@dataclass
-class Run:
-    dataset: str
-    cfg: str
-    shots: int  # 0 for the zero-shot baseline
-    seed: int
-    out: str
-    argv: List[str]
-    trainer: str = TRAINER
-
-    @property
-    def group(self) -> Tuple[str, str, int]:
-        return self.dataset, self.cfg, self.shots
-
-    @property
-    def label(self) -> str:
-        if self.trainer == ZEROSHOT:
-            return f"{self.dataset} {ZEROSHOT} {self.cfg}"
-        return f"{self.dataset} {self.cfg} {self.shots} shots"
-
-    def done_file(self) -> str:
-        """The file whose presence means the run is complete: main.sh's ``finished`` marker
-        for training, the evaluation's ``results.json`` for the zero-shot baseline."""
-        from coop.engine import FINISHED_MARKER
-
-        return os.path.join(
-            self.out, "results.json" if self.trainer == ZEROSHOT else FINISHED_MARKER
-        )
-
-
-class SweepError(ValueError):
-    """A bad sweep argument, reported before any run starts."""
-
-
-def _int_list(text: str, what: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SweepError(f"--{what} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise SweepError(f"--{what} is empty")
-    return values
-
-
-def plan_runs(args: argparse.Namespace) -> List[Run]:
-    """Every run of the grid, in order (dataset, then shot count, then seed); raises
-    :class:`SweepError` for anything that would make a run fail at once."""
-    from coop.config import (
-        ConfigError,
-        get_cfg_default,
-        merge_from_list,
-        resolve_config_path,
-    )
-
-    if not os.path.isdir(args.root):
-        raise SweepError(f"--root {args.root}: no such folder")
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    if not datasets:
-        raise SweepError("--datasets is empty")
-    shots = _int_list(args.shots, "shots")
-    if any(s < 1 for s in shots):
-        raise SweepError(f"--shots must be positive, got {args.shots}")
-    seeds = _int_list(args.seeds, "seeds")
-    if args.csc not in ("False", "True"):
-        raise SweepError(f"--csc is False or True, got {args.csc!r}")
-    if args.ctp not in ("end", "middle", "front"):
-        raise SweepError(f"--ctp is end, middle or front, got {args.ctp!r}")
-    if args.nctx < 1:
-        raise SweepError(f"--nctx must be positive, got {args.nctx}")
-    try:
-        merge_from_list(get_cfg_default(), args.opts, where="the sweep's opts")
-    except ConfigError as e:
-        raise SweepError(str(e)) from None
-
-    runs: List[Run] = []
-    for dataset in datasets:
-        dataset_file = f"configs/datasets/{dataset}.yaml"
-        try:
-            resolve_config_path(dataset_file, "dataset config")
-        except ConfigError as e:
-            raise SweepError(f"--datasets: unknown dataset '{dataset}' ({e})") from None
-        if args.zeroshot:  # scripts/zeroshot.sh DATASET CFG, with CFG the backbone's file
-            cfg_file = f"configs/trainers/{TRAINER}/{args.backbone}.yaml"
-            try:
-                resolve_config_path(cfg_file)
-            except ConfigError as e:
-                raise SweepError(f"--zeroshot: no trainer config '{args.backbone}' ({e})") from None
-            out = os.path.join(args.output, ZEROSHOT, args.backbone, dataset)
-            argv = [
-                "--root", args.root,
-                "--trainer", ZEROSHOT,
-                "--dataset-config-file", dataset_file,
-                "--config-file", cfg_file,
-                "--output-dir", out,
-                "--eval-only",
-                *args.opts,
-            ]  # fmt: skip
-            runs.append(Run(dataset, args.backbone, 0, -1, out, argv, trainer=ZEROSHOT))
-        for k in shots:
-            cfg = args.cfg or paper_cfg(args.backbone, k, dataset)
-            cfg_file = f"configs/trainers/{TRAINER}/{cfg}.yaml"
-            try:
-                resolve_config_path(cfg_file)
-            except ConfigError as e:
-                raise SweepError(
-                    f"no trainer config '{cfg}' for {dataset}, {k} shots ({e}); pass --cfg"
-                ) from None
-            for seed in seeds:
-                out = os.path.join(
-                    args.output,
-                    dataset,
-                    TRAINER,
-                    f"{cfg}_{k}shots",
-                    f"nctx{args.nctx}_csc{args.csc}_ctp{args.ctp}",
-                    f"seed{seed}",
-                )
-                argv = [
-                    "--root", args.root,
-                    "--seed", str(seed),
-                    "--trainer", TRAINER,
-                    "--dataset-config-file", dataset_file,
-                    "--config-file", cfg_file,
-                    "--output-dir", out,
-                    "TRAINER.COOP.N_CTX", str(args.nctx),
-                    "TRAINER.COOP.CSC", args.csc,
-                    "TRAINER.COOP.CLASS_TOKEN_POSITION", args.ctp,
-                    "DATASET.NUM_SHOTS", str(k),
-                    *args.opts,
-                ]  # fmt: skip
-                runs.append(Run(dataset, cfg, k, seed, out, argv))
-    return runs
+def paper_cfg(backbone: str, shots: int, dataset: str, trainer: str = TRAINER) -> str:
+    """The trainer config the method declares for a few-shot run (CoOp, after COOP.md: 1
+    shot ``*_ep50``, 2 and 4 shots ``*_ep100``, 8 and 16 shots the 200-epoch file, ImageNet
+    always ``*_ep50``), with ``backbone`` swapped in."""
+    return with_backbone(protocol_cfg(trainer_class(trainer), "fewshot", dataset, shots), backbone)
 
 
 def read_accuracy(out: str) -> Optional[float]:
     """The test accuracy (%) a finished run wrote to ``results.json``, or None."""
+    import json
+    import os
+
     try:
         with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
             res = json.load(f)
@@ -197,126 +81,229 @@ def read_accuracy(out: str) -> Optional[float]:
 
 
 def summarize(runs: Sequence[Run]) -> List[str]:
-    """Per (dataset, cfg, shots): ``* accuracy: <mean>% +- <std>%`` over the seeds that have
+    """Per folder of seeds: ``* accuracy: <mean>% +- <std>%`` over the seeds that have
     results (``np.std``, population, as ``parse_test_res.py``), from ``results.json``."""
     import numpy as np
 
-    groups: Dict[Tuple[str, str, int], List[Optional[float]]] = {}
+    groups: Dict[str, List[Tuple[Run, Optional[float]]]] = {}
     for run in runs:
-        groups.setdefault(run.group, []).append(read_accuracy(run.out))
-    labels = {run.group: run.label for run in runs}
+        groups.setdefault(run.group or run.out, []).append((run, read_accuracy(run.out)))
     lines = []
-    for group, accs in groups.items():
-        got = [a for a in accs if a is not None]
-        head = f"{labels[group]}:"
+    for group, members in groups.items():
+        got = [a for _, a in members if a is not None]
         if not got:
-            lines.append(f"{head} no results")
-            continue
-        if group[2] == 0:  # the zero-shot baseline: one evaluation
-            lines.append(f"{head} * accuracy: {got[0]:.2f}%")
-            continue
-        lines.append(
-            f"{head} * accuracy: {np.mean(got):.2f}% +- {np.std(got):.2f}% "
-            f"({len(got)} of {len(accs)} seeds)"
-        )
+            lines.append(f"{group}: no results")
+        elif len(members) == 1 and members[0][0].seed < 0:  # one unseeded evaluation
+            lines.append(f"{group}: * accuracy: {got[0]:.2f}%")
+        else:
+            lines.append(
+                f"{group}: * accuracy: {np.mean(got):.2f}% +- {np.std(got):.2f}% "
+                f"({len(got)} of {len(members)} seeds)"
+            )
     return lines
 
 
-def _run_one(run: Run, i: int, n: int) -> Tuple[int, float]:
-    """``coop-train``'s main on ``run`` in this process: (exit status, seconds)."""
-    from coop.train import main as train_main
-    from coop.utils import close_logger
-
-    what = run.label + ("" if run.trainer == ZEROSHOT else f", seed {run.seed}")
-    print(f"[{i}/{n}] {what}: {run.out}", flush=True)
-    t0 = time.perf_counter()
-    try:
-        rc = train_main(run.argv)
-    except Exception:  # a crash of one run is reported like a failed process
-        traceback.print_exc()
-        rc = 1
-    finally:
-        close_logger()
-        gc.collect()  # the trainer (and its loader workers) go before the next run
-    return rc, time.perf_counter() - t0
-
-
-def run_all(runs: Sequence[Run], keep_going: bool = False) -> List[Run]:
-    """Run each unfinished run in this process; returns the runs that failed (stops at the
-    first failure unless ``keep_going``). A run holds ``<its folder>/.sweep.lock`` while it
-    runs, and a run whose lock another process holds is skipped, so several coop-sweep
-    processes with the same arguments (one per GPU, say) share the grid out between them."""
-    from coop.io import WriteError, try_file_lock
-
-    failed: List[Run] = []
-    for i, run in enumerate(runs, 1):
-        if os.path.isfile(run.done_file()):
-            print(f"Oops! The results exist at {run.out} (so skip this job)", flush=True)
-            continue
-        try:
-            with try_file_lock(os.path.join(run.out, ".sweep")) as mine:
-                if not mine:  # another coop-sweep process is running it
-                    print(f"[{i}/{len(runs)}] running in another process, skipped: {run.out}",
-                          flush=True)  # fmt: skip
-                    continue
-                if os.path.isfile(run.done_file()):  # finished while we were not looking
-                    print(f"Oops! The results exist at {run.out} (so skip this job)", flush=True)
-                    continue
-                rc, elapsed = _run_one(run, i, len(runs))
-        except WriteError as e:
-            print(f"coop-sweep: error: {e}", file=sys.stderr, flush=True)
-            rc, elapsed = 2, 0.0
-        if rc != 0:
-            print(f"[{i}/{len(runs)}] failed (exit status {rc}) after {elapsed:.1f} s: "
-                  f"{run.out}", file=sys.stderr, flush=True)  # fmt: skip
-            failed.append(run)
-            if not keep_going:
-                break
-        else:
-            print(f"[{i}/{len(runs)}] done in {elapsed:.1f} s", flush=True)
-    return failed
-
-
-def build_parser() -> argparse.ArgumentParser:
+# ---------------------------------------------------------------------------- command line
+def build_parser(preset: str, status: bool = False) -> argparse.ArgumentParser:
+    prog = f"coop-sweep {'status ' if status else ''}{preset}"
     p = argparse.ArgumentParser(
-        prog="coop-sweep",
-        description="Run CoOp's few-shot grid (datasets x shots x seeds) in one process, "
-        "with scripts/main.sh's output folders, skipping finished runs.",
+        prog=prog,
+        description=(PRESETS[preset].__doc__ or "").strip().split("\n\n")[0],
     )
-    p.add_argument("--root", required=True, help="the datasets folder (main.sh's DATA)")
-    p.add_argument("--datasets", required=True, help="comma-separated, e.g. caltech101,dtd")
-    p.add_argument("--backbone", default="rn50", help="config prefix: rn50, rn101, vit_b16, ...")
-    p.add_argument(
-        "--cfg", default="", help="one trainer config for every run (default: the paper's schedule)"
-    )
-    p.add_argument("--shots", default=",".join(map(str, PAPER_SHOTS)))
+    p.add_argument("--root", required=True, help="the datasets folder (the scripts' DATA)")
+    p.add_argument("--trainer", default=DEFAULT_TRAINER.get(preset, TRAINER),
+                   help="the method (a registered trainer); default %(default)s")  # fmt: skip
+    if preset in ("xd", "dg"):
+        p.add_argument("--source", default=SOURCE, help="the training set (default imagenet)")
+        p.add_argument("--targets", default="", help="comma-separated evaluation datasets "
+                       "(default: the protocol's)")  # fmt: skip
+    else:
+        p.add_argument("--datasets", default=",".join(PAPER_DATASETS),
+                       help="comma-separated, e.g. caltech101,dtd (default: the eleven)")  # fmt: skip
     p.add_argument("--seeds", default=",".join(map(str, PAPER_SEEDS)))
-    p.add_argument("--nctx", type=int, default=16, help="context tokens (main.sh's NCTX)")
-    p.add_argument("--csc", default="False", help="class-specific context (False or True)")
-    p.add_argument("--ctp", default="end", help="class token position: end, middle or front")
-    p.add_argument("--output", default="output", help="the folder main.sh writes to")
-    p.add_argument(
-        "--zeroshot", action="store_true", help="also run zero-shot CLIP per dataset (zeroshot.sh)"
-    )
-    p.add_argument("--keep-going", action="store_true", help="go on after a failed run")
-    p.add_argument("--dry-run", action="store_true", help="print the coop-train commands only")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run (KEY VALUE ...)")  # fmt: skip
+    p.add_argument("--shots", default="", help="comma-separated shot counts (default: the "
+                   f"protocol's; few-shot {','.join(map(str, PAPER_SHOTS))})")  # fmt: skip
+    if preset == "zeroshot":
+        p.add_argument("--backbones", default="rn50", help="comma-separated config names "
+                       "as zeroshot.sh's CFG: rn50, rn101, vit_b32, vit_b16")  # fmt: skip
+    p.add_argument("--backbone", default=None,
+                   help="swap the backbone of the method's configs: rn50, rn101, vit_b32, vit_b16")  # fmt: skip
+    p.add_argument("--cfg", default="", help="one trainer config (a YAML name) for every run")
+    p.add_argument("--nctx", type=int, default=None, help="context tokens (main.sh's NCTX)")
+    p.add_argument("--csc", default=None, help="class-specific context: False or True")
+    p.add_argument("--ctp", default=None, help="class token position: end, middle or front")
+    if preset == "ablation":
+        p.add_argument("--studies", default=",".join(STUDIES),
+                       help="comma-separated: " + ", ".join(STUDIES) + " (default: all)")  # fmt: skip
+    if preset == "fewshot":
+        p.add_argument("--zeroshot", action="store_true",
+                       help="also run zero-shot CLIP per dataset first (zeroshot.sh)")  # fmt: skip
+    p.add_argument("--output", default="output", help="the folder the scripts write to")
+    if not status:
+        p.add_argument("--dry-run", action="store_true",
+                       help="print every run (state, folder, command) as a shell script")  # fmt: skip
+        p.add_argument("--retry-failed", action="store_true",
+                       help="run only the failed runs (and what needs them)")  # fmt: skip
+        p.add_argument("--keep-going", action="store_true",
+                       help="in-process: go on after a failed run")  # fmt: skip
+        ex = p.add_argument_group("executors")
+        ex.add_argument("--executor", choices=("inprocess", "local", "slurm"),
+                        default="inprocess", help="who runs the runs (default %(default)s)")  # fmt: skip
+        ex.add_argument("--max-parallel", type=int, default=None,
+                        help="local: runs at a time (default: one per visible GPU, else 1)")  # fmt: skip
+        ex.add_argument("--gpus", default=None,
+                        help="local: comma-separated GPU ids (default: the visible ones)")  # fmt: skip
+        ex.add_argument("--partition", default=None, help="slurm: partition")
+        ex.add_argument("--account", default=None, help="slurm: account")
+        ex.add_argument("--time", default="24:00:00",
+                        help="slurm: time limit per run (default %(default)s); a run that "
+                        "reaches it is requeued and resumes")  # fmt: skip
+        ex.add_argument("--gpus-per-run", type=int, default=1,
+                        help="slurm: GPUs per run (0 on a CPU cluster)")  # fmt: skip
+        ex.add_argument("--cpus-per-run", type=int, default=8,
+                        help="slurm: CPU cores per run (default %(default)s, the YAMLs' 8 "
+                        "loader workers)")  # fmt: skip
+        ex.add_argument("--slurm-array-parallelism", type=int, default=16,
+                        help="slurm: runs of one array at a time (default %(default)s)")  # fmt: skip
+        ex.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="slurm: any other sbatch option, e.g. qos=high (repeatable)")  # fmt: skip
+        ex.add_argument("--slurm-folder", default=None,
+                        help="slurm: submitit's job folder (default <output>/.slurm/%%j)")  # fmt: skip
+        ex.add_argument("--wait", action="store_true",
+                        help="slurm: wait until the jobs have left the queue")  # fmt: skip
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="config overrides for every run (KEY VALUE ...)")  # fmt: skip
     return p
 
 
+def _executor(args: argparse.Namespace) -> Executor:
+    if args.executor == "local":
+        if args.max_parallel is not None and args.max_parallel < 1:
+            raise SweepError(f"--max-parallel must be positive, got {args.max_parallel}")
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        return LocalExecutor(visible_gpus() if gpus is None else gpus, args.max_parallel)
+    if args.executor == "slurm":
+        import os
+
+        from coop.sweep_slurm import SlurmExecutor, parse_extra, parse_time
+
+        try:
+            minutes = parse_time(args.time)
+            extra = parse_extra(args.slurm_extra)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+        for flag, value in (
+            ("--gpus-per-run", args.gpus_per_run),
+            ("--cpus-per-run", args.cpus_per_run),
+        ):
+            if value < 0:
+                raise SweepError(f"{flag} must not be negative, got {value}")
+        if args.slurm_array_parallelism < 1:
+            raise SweepError("--slurm-array-parallelism must be positive")
+        folder = args.slurm_folder or os.path.join(os.path.abspath(args.output), ".slurm", "%j")
+        return SlurmExecutor(
+            folder, time_min=minutes, partition=args.partition, account=args.account,
+            gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
+            array_parallelism=args.slurm_array_parallelism, extra=extra, wait=args.wait,
+        )  # fmt: skip
+    return InProcessExecutor(keep_going=args.keep_going)
+
+
+def retry_selection(runs: Sequence[Run]) -> List[Run]:
+    """The failed runs and the unfinished runs that need one of them."""
+    chosen: List[Run] = []
+    picked = set()
+    for run in runs:
+        failed = not is_done(run) and read_error_record(run.out) is not None
+        needs = any(f in picked for f in run.after) and not is_done(run)
+        if failed or needs:
+            chosen.append(run)
+            picked.add(run.done_file())
+    return chosen
+
+
+def print_dry_run(runs: Sequence[Run]) -> None:
+    """Every run as a shell script: a comment with its state, what it is, its folder and
+    what it waits for; its command line (commented out when done)."""
+    index = {run.done_file(): i for i, run in enumerate(runs, 1)}
+    counts = dict.fromkeys(STATES, 0)
+    for i, run in enumerate(runs, 1):
+        state, detail = run_state(run)
+        counts[state] += 1
+        action = {"done": "done, skipped", "running": "running elsewhere, skipped",
+                  "failed": "failed before, runs again", "missing": "to run"}[state]  # fmt: skip
+        after = [f"[{index[f]}/{len(runs)}]" if f in index else f for f in run.after]
+        wait = f" after {', '.join(after)}" if after else ""
+        note = f" ({detail})" if detail else ""
+        print(f"# [{i}/{len(runs)}] {action}{wait}: {run.label} -> {run.out}{note}")
+        command = shlex.join(["coop-train", *run.argv])
+        print(f"# {command}" if state in ("done", "running") else command)
+    print(f"# {len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in STATES))
+
+
+def print_status(runs: Sequence[Run]) -> int:
+    """One line per run (state, folder, detail) and the counts; 0 when all are done."""
+    counts = dict.fromkeys(STATES, 0)
+    for run in runs:
+        state, detail = run_state(run)
+        counts[state] += 1
+        print(f"{state:8s} {run.out}" + (f"  ({detail})" if detail else ""))
+    print(f"{len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in STATES))
+    return 0 if counts["done"] == len(runs) else 1
+
+
+def _split(argv: List[str]) -> Tuple[str, bool, List[str]]:
+    """(preset, status, the rest): ``[status] PRESET ...``; without a preset name, the
+    few-shot grid (today's command line)."""
+    status = bool(argv) and argv[0] == "status"
+    if status:
+        argv = argv[1:]
+        if not argv or argv[0] not in PRESETS:
+            raise SweepError(f"status takes a preset first: one of {', '.join(PRESETS)}")
+    if argv and argv[0] in PRESETS:
+        return argv[0], status, argv[1:]
+    return "fewshot", status, argv
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip().split("\n\n")[0] + "\n\npresets: " + ", ".join(PRESETS)
+              + "\n\n`coop-sweep PRESET --help` lists a preset's options.")  # fmt: skip
+        return 0
     try:
-        runs = plan_runs(args)
+        preset, status, rest = _split(argv)
     except SweepError as e:
         print(f"coop-sweep: error: {e}", file=sys.stderr)
         return 2
+    args = build_parser(preset, status).parse_args(rest)
+    try:
+        runs = plan(preset, args, check_root=not status)
+        executor = None if status or args.dry_run else _executor(args)
+    except SweepError as e:
+        print(f"coop-sweep: error: {e}", file=sys.stderr)
+        return 2
+    if status:
+        return print_status(runs)
+    if args.retry_failed:
+        runs = retry_selection(runs)
+        print(f"{'# ' if args.dry_run else ''}Retrying {len(runs)} runs", flush=True)
     if args.dry_run:
-        for run in runs:
-            print(shlex.join(["coop-train", *run.argv]))
+        print_dry_run(runs)
         return 0
     t0 = time.perf_counter()
-    failed = run_all(runs, keep_going=args.keep_going)
+    try:
+        failed = executor.run(runs)
+    except Exception as e:
+        from coop.sweep_slurm import SlurmError
+
+        if not isinstance(e, SlurmError):
+            raise
+        print(f"coop-sweep: error: {e}", file=sys.stderr)
+        return 2
+    if not executor.waits:
+        print(f"Follow it with: coop-sweep status {preset} <the same preset options>", flush=True)
+        return 0
     print(f"Sweep of {len(runs)} runs in {time.perf_counter() - t0:.1f} s", flush=True)
     for line in summarize(runs):
         print(line, flush=True)

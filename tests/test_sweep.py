@@ -58,8 +58,13 @@ def test_the_paper_schedule_picks_the_config_per_shot_count():
 def test_dry_run_prints_main_sh_commands(data_root, tiny_rn, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert _sweep(data_root, out, tiny_rn, "--dry-run", shots="2,16", seeds="3") == 0
-    lines = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in printed if not ln.startswith("#")]  # the commands; comments say more
     assert len(lines) == 2 and not os.path.exists(out)
+    assert printed[0].startswith("# [1/2] to run: ") and printed[0].endswith(
+        _run_dir(out, "rn50_ep100", 2, 3)
+    )
+    assert printed[-1] == "# 2 runs: 0 done, 0 running, 0 failed, 2 missing"
     cmd = shlex.split(lines[0])
     assert cmd[:3] == ["coop-train", "--root", data_root]
     # the folder and arguments of main.sh (caltech101 rn50_ep100 end 16 2 False), seed 3
@@ -148,7 +153,7 @@ def test_runs_in_one_process_equal_separate_processes(data_root, tiny_rn, tmp_pa
 
     accs = [_metrics(d)["accuracy"] for d in (first, second)]
     expected = f"* accuracy: {np.mean(accs):.2f}% +- {np.std(accs):.2f}% (2 of 2 seeds)"
-    assert f"caltech101 rn50_ep50 1 shots: {expected}" in printed
+    assert f"{os.path.dirname(first)}: {expected}" in printed
 
 
 def test_finished_runs_are_skipped_and_a_failure_stops_the_sweep(
@@ -176,7 +181,7 @@ def test_finished_runs_are_skipped_and_a_failure_stops_the_sweep(
 def test_zeroshot_baseline_runs_first_as_zeroshot_sh(data_root, tiny_rn, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert _sweep(data_root, out, tiny_rn, "--zeroshot", "--dry-run", seeds="1") == 0
-    first, second = capsys.readouterr().out.splitlines()
+    first, second = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
     zs_dir = os.path.join(out, "ZeroshotCLIP", "rn50", "caltech101")
     # zeroshot.sh caltech101 rn50: no seed, no shots, eval only
     assert shlex.split(first)[:12] == [
@@ -191,7 +196,7 @@ def test_zeroshot_baseline_runs_first_as_zeroshot_sh(data_root, tiny_rn, tmp_pat
     assert _sweep(data_root, out, tiny_rn, "--zeroshot", seeds="1") == 0
     printed = capsys.readouterr().out
     acc = _metrics(zs_dir)["accuracy"]
-    assert f"caltech101 ZeroshotCLIP rn50: * accuracy: {acc:.2f}%" in printed
+    assert f"{zs_dir}: * accuracy: {acc:.2f}%" in printed
     stamp = os.stat(os.path.join(zs_dir, "results.json")).st_mtime_ns
     assert _sweep(data_root, out, tiny_rn, "--zeroshot", seeds="1") == 0
     assert f"Oops! The results exist at {zs_dir} (so skip this job)" in capsys.readouterr().out

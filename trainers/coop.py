@@ -199,6 +199,28 @@ class CoOp(CLIPTrainer):
     """Context Optimization (CoOp): cross-entropy on CLIP's logits, the prompt learner
     trained alone."""
 
+    # the paper's schedule (COOP.md): 1 shot 50 epochs, 2 and 4 shots 100, 8 and 16 shots
+    # 200, ImageNet 50; base-to-new and cross-dataset as CoCoOp's scripts run CoOp; domain
+    # generalisation as eval.sh (the 16-shot ImageNet runs of main.sh)
+    protocol_configs = {
+        "fewshot": "rn50",
+        "fewshot.1shots": "rn50_ep50",
+        "fewshot.2shots": "rn50_ep100",
+        "fewshot.4shots": "rn50_ep100",
+        "fewshot.imagenet": "rn50_ep50",
+        "base2new": "vit_b16_ctxv1",
+        "base2new.imagenet": "vit_b16_ep50_ctxv1",
+        "xd": "vit_b16_ep50_ctxv1",
+        "dg": "rn50_ep50",
+    }
+    # eval.sh: the model of main.sh's ImageNet folder, evaluated into evaluation/...
+    protocol_dirs = {
+        "dg_train": "{dataset}/{trainer}/{cfg}_{shots}shots/"
+        "nctx{N_CTX}_csc{CSC}_ctp{CLASS_TOKEN_POSITION}/seed{seed}",
+        "dg_test": "evaluation/{trainer}/{cfg}_{shots}shots/"
+        "nctx{N_CTX}_csc{CSC}_ctp{CLASS_TOKEN_POSITION}/{dataset}/seed{seed}",
+    }
+
     @classmethod
     def add_config(cls, cfg) -> None:
         cfg.TRAINER.COOP = CN()
