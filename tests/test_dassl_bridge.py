@@ -99,6 +99,16 @@ def _trainer_names():
     return sorted(name for name, _ in TRAINER_REGISTRY.items())
 
 
+def _own_config(name):
+    """The few-shot YAML a method ships, if any (some need its keys, e.g. ProGrad's
+    LOSS.NAME); the others run with CoOp's."""
+    from coop.registry import TRAINER_REGISTRY
+
+    cls = TRAINER_REGISTRY.get(name)
+    stem = getattr(cls, "protocol_configs", {}).get("fewshot")
+    return f"configs/trainers/{cls.config_folder()}/{stem}.yaml" if stem else None
+
+
 @pytest.mark.parametrize("fast", ["True", "False"])
 @pytest.mark.parametrize("name", _trainer_names())
 def test_every_trainer_gives_the_same_numbers_on_both_engines(
@@ -114,6 +124,10 @@ def test_every_trainer_gives_the_same_numbers_on_both_engines(
             data_root, out, learnable_clip, "FAST.ENABLED", fast, "DATASET.NUM_SHOTS", "8"
         )
         argv[argv.index("--trainer") + 1] = name
+        own = _own_config(name)
+        if own:  # its own YAML, at the batch size of the CoOp file the others run with
+            argv[argv.index("--config-file") + 1] = own
+            argv += ["DATALOADER.TRAIN_X.BATCH_SIZE", "32"]
         assert main(["--engine", engine, *argv]) == 0
         logs[engine] = os.path.join(out, "log.txt")
     ours, theirs = (loss_lines(logs[e]) for e in ("bundled", "dassl"))
