@@ -332,7 +332,7 @@ class TrainerBase:
         cfg = self.__dict__.get("cfg")
         if cfg is None:
             return "precision", "unknown"
-        # the node the method reads (a method may read another's, e.g. TRAINER.COOP)
+        # the node the method reads (its own, or another method's it shares)
         named = getattr(type(self), "config_node_name", None)
         node_name = (named() if callable(named) else None) or str(cfg.TRAINER.NAME).upper()
         node = cfg.TRAINER.get(node_name)
