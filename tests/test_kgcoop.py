@@ -17,6 +17,7 @@ from torch import nn
 from coop.clip_adapter import load_clip, tokenize
 from coop.config import CN, ConfigError, get_cfg_default, merge_from_file
 from coop.hosts import on_host
+from coop.io import CheckpointError
 from coop.train import build_parser, main, setup_cfg
 from coop.trainers.coop import CoOp
 from coop.trainers.kgcoop import TEMPLATES, KgCoOp, KgCoOpCLIP, knowledge_score
@@ -196,6 +197,9 @@ def test_an_original_checkpoint_loads_without_its_unused_weights(data_root, tiny
     }
     prepared = trainer.prepare_loaded_state_dict("prompt_learner", original, "model.pth.tar-100")
     assert list(prepared) == ["ctx"] and torch.equal(prepared["ctx"], ctx)
+    trainer.check_checkpoint(original, "model.pth.tar-100")  # 4 vectors: fits
+    with pytest.raises(CheckpointError, match=r"'ctx' has shape \(16, 64\) there but \(4, 64\)"):
+        trainer.check_checkpoint({"ctx": torch.zeros(16, 64)}, "model.pth.tar-100")
 
 
 # ---------------------------------------------------------------------- runs

@@ -17,6 +17,7 @@ from torch import nn
 from coop.clip_adapter import load_clip, tokenize
 from coop.config import ConfigError, get_cfg_default, merge_from_file, merge_from_list
 from coop.hosts import on_host
+from coop.io import CheckpointError
 from coop.train import build_parser, main, setup_cfg
 from coop.trainers.prograd import (
     ProGrad,
@@ -163,6 +164,10 @@ def test_the_step_applies_the_projected_gradient_to_the_context_only(data_root, 
     assert torch.allclose(ctx.grad, expected, atol=1e-7)
     assert [n for n, p in model.named_parameters() if p.grad is not None] == ["prompt_learner.ctx"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_learner.ctx"]
+    # a template-initialised context has N_CTX vectors
+    trainer.check_checkpoint({"ctx": torch.zeros(16, 64)}, "model.pth.tar-200")
+    with pytest.raises(CheckpointError, match=r"'ctx' has shape \(4, 64\) there but \(16, 64\)"):
+        trainer.check_checkpoint({"ctx": torch.zeros(4, 64)}, "model.pth.tar-200")
 
 
 @pytest.mark.parametrize("prec", ["fp32", "bf16"])
