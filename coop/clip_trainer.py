@@ -12,14 +12,18 @@ put on a host by :func:`coop.hosts.on_host`, either the bundled engine
 
 A method subclass provides:
 
-- ``add_config(cfg)``: its config node ``TRAINER.<NAME>`` with the original defaults;
+- ``add_config(cfg)``: its config node ``TRAINER.<NAME>`` with the original defaults (a
+  method whose original reads another method's node adds its keys there, adding only what
+  is missing, and names that node in ``config_node_name``);
 - ``build_custom_clip(clip_model)``: the model (an ``nn.Module`` whose ``forward(image)``
   gives logits), its learnable part named by ``learnable`` (default ``"prompt_learner"``);
 - ``image_features(images)`` / ``logits_from_features(features)`` such that
   ``logits_from_features(image_features(x))`` is what ``model_inference(x)`` computes (the
   feature caches use them); ``image_encoder_frozen = False`` where the image encoder learns
   (no cached image features are then ever used);
-- optionally ``compute_loss(output, label)`` (default: cross-entropy), ``check_cfg(cfg)``,
+- optionally ``train_output(image, features)`` (default: the logits) and
+  ``compute_loss(output, label)`` on it (default: cross-entropy), ``train_step`` (a step
+  other than one backward pass of one loss), ``check_cfg(cfg)``,
   ``check_checkpoint(state_dict, path)`` (before the model is built) and
   ``prepare_loaded_state_dict(name, state_dict, path)``.
 """
@@ -258,16 +262,29 @@ class CLIPTrainer:
     def forward_backward(self, batch: Dict[str, Any]) -> Dict[str, float]:
         if "feat" in batch:  # FAST.TRAIN_FEATURE_CACHE: frozen image features of a view
             feats, label = self._to_device(batch["feat"]), self._to_device(batch["label"])
-            return self.train_step(lambda: self.logits_from_features(feats), label)
+            return self.train_step(lambda: self.train_output(features=feats), label)
         image, label = self.parse_batch_train(batch)
-        return self.train_step(lambda: self.model(image), label)
+        return self.train_step(lambda: self.train_output(image=image), label)
 
-    def compute_loss(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """The method's training loss on the logits ``output`` (B, n_cls)."""
+    def train_output(
+        self, image: Optional[torch.Tensor] = None, features: Optional[torch.Tensor] = None
+    ) -> Any:
+        """What a training step computes its loss on, from the images ``image`` or (the
+        training feature cache) their frozen image features ``features``: the logits (B,
+        n_cls), or a tuple whose first element is the logits where the method's loss needs
+        more (e.g. its text features, a teacher's logits)."""
+        if features is not None:
+            return self.logits_from_features(features)
+        return self.model(image)
+
+    def compute_loss(self, output: Any, label: torch.Tensor) -> torch.Tensor:
+        """The method's training loss on ``output`` (:meth:`train_output`; default: the
+        cross-entropy of the logits)."""
         return F.cross_entropy(output, label)
 
-    def train_step(self, logits_fn: Callable[[], torch.Tensor], label: torch.Tensor) -> Dict:
-        """One optimisation step on the logits ``logits_fn()`` in the method's precision."""
+    def train_step(self, logits_fn: Callable[[], Any], label: torch.Tensor) -> Dict:
+        """One optimisation step on ``logits_fn()`` (:meth:`train_output`) in the method's
+        precision."""
         if self.use_amp:
             with torch.autocast("cuda"):
                 output = logits_fn()
@@ -282,7 +299,8 @@ class CLIPTrainer:
                 loss = self.compute_loss(output, label)
             self.model_backward_and_update(loss)
 
-        loss_summary = {"loss": loss.item(), "acc": compute_accuracy(output, label)}
+        logits = output[0] if isinstance(output, tuple) else output
+        loss_summary = {"loss": loss.item(), "acc": compute_accuracy(logits, label)}
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return loss_summary

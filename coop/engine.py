@@ -332,7 +332,9 @@ class TrainerBase:
         cfg = self.__dict__.get("cfg")
         if cfg is None:
             return "precision", "unknown"
-        node_name = str(cfg.TRAINER.NAME).upper()
+        # the node the method reads (its own, or another method's it shares)
+        named = getattr(type(self), "config_node_name", None)
+        node_name = (named() if callable(named) else None) or str(cfg.TRAINER.NAME).upper()
         node = cfg.TRAINER.get(node_name)
         if node is not None and hasattr(node, "get") and "PREC" in node:
             return f"TRAINER.{node_name}.PREC", node.PREC

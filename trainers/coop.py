@@ -8,7 +8,7 @@ draws random numbers, so a seeded run reproduces the original trajectory.
 from __future__ import annotations
 
 import logging
-from typing import ContextManager, List, Optional
+from typing import ContextManager, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,10 +33,7 @@ class PromptLearner(nn.Module):
         super().__init__()
         opts = cfg.TRAINER.COOP
         n_cls = len(classnames)
-        n_ctx = opts.N_CTX
-        ctx_init = opts.CTX_INIT
         dtype = clip_model.dtype
-        ctx_dim = clip_model.ln_final.weight.shape[0]
         clip_imsize = clip_model.visual.input_resolution
         cfg_imsize = cfg.INPUT.SIZE[0]
         if cfg_imsize != clip_imsize:
@@ -46,29 +43,8 @@ class PromptLearner(nn.Module):
                 f"set INPUT.SIZE ({clip_imsize}, {clip_imsize})"
             )
 
-        if ctx_init:
-            # initialise the context from the word embeddings of the given words
-            ctx_init = ctx_init.replace("_", " ")
-            n_ctx = len(ctx_init.split(" "))
-            prompt = tokenize(ctx_init)
-            with torch.no_grad():
-                embedding = clip_model.token_embedding(prompt).type(dtype)
-            ctx_vectors = embedding[0, 1 : 1 + n_ctx, :]  # (n_ctx, ctx_dim)
-            if opts.CSC:
-                # class-specific contexts, each starting from the same words (the original
-                # silently fell back to one generic context here)
-                logger.info("Initializing class-specific contexts from the given words")
-                ctx_vectors = ctx_vectors.unsqueeze(0).repeat(n_cls, 1, 1).clone()
-            prompt_prefix = ctx_init
-        else:
-            if opts.CSC:
-                logger.info("Initializing class-specific contexts")
-                ctx_vectors = torch.empty(n_cls, n_ctx, ctx_dim, dtype=dtype)
-            else:
-                logger.info("Initializing a generic context")
-                ctx_vectors = torch.empty(n_ctx, ctx_dim, dtype=dtype)
-            nn.init.normal_(ctx_vectors, std=0.02)
-            prompt_prefix = " ".join(["X"] * n_ctx)
+        ctx_vectors, prompt_prefix = self.init_context(cfg, n_cls, clip_model)
+        n_ctx = ctx_vectors.shape[-2]
 
         logger.info(f'Initial context: "{prompt_prefix}"')
         logger.info(f"Number of context words (tokens): {n_ctx}")
@@ -92,6 +68,39 @@ class PromptLearner(nn.Module):
         self.tokenized_prompts = tokenized_prompts
         self.name_lens = name_lens
         self.class_token_position = opts.CLASS_TOKEN_POSITION
+
+    def init_context(self, cfg, n_cls: int, clip_model: nn.Module) -> Tuple[torch.Tensor, str]:
+        """The initial context, (n_ctx, D) or (n_cls, n_ctx, D), and the text that holds its
+        place in the tokenized prompts."""
+        opts = cfg.TRAINER.COOP
+        if opts.CTX_INIT:
+            ctx_vectors, prompt_prefix = self.context_from_words(opts.CTX_INIT, clip_model)
+            if opts.CSC:
+                # class-specific contexts, each starting from the same words (the original
+                # silently fell back to one generic context here)
+                logger.info("Initializing class-specific contexts from the given words")
+                ctx_vectors = ctx_vectors.unsqueeze(0).repeat(n_cls, 1, 1).clone()
+            return ctx_vectors, prompt_prefix
+        dtype = clip_model.dtype
+        ctx_dim = clip_model.ln_final.weight.shape[0]
+        if opts.CSC:
+            logger.info("Initializing class-specific contexts")
+            ctx_vectors = torch.empty(n_cls, opts.N_CTX, ctx_dim, dtype=dtype)
+        else:
+            logger.info("Initializing a generic context")
+            ctx_vectors = torch.empty(opts.N_CTX, ctx_dim, dtype=dtype)
+        nn.init.normal_(ctx_vectors, std=0.02)
+        return ctx_vectors, " ".join(["X"] * opts.N_CTX)
+
+    @staticmethod
+    def context_from_words(words: str, clip_model: nn.Module) -> Tuple[torch.Tensor, str]:
+        """A generic context initialised from the word embeddings of ``words`` (one vector
+        per space-separated word), (n_words, D), and the words as the prompt text."""
+        words = words.replace("_", " ")
+        n_ctx = len(words.split(" "))
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokenize(words)).type(clip_model.dtype)
+        return embedding[0, 1 : 1 + n_ctx, :], words
 
     def forward(self, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Prompt embeddings, (n_cls, 77, ctx_dim), of the context ``ctx`` (default: the
@@ -150,10 +159,12 @@ class PromptLearner(nn.Module):
 class CustomCLIP(nn.Module):
     """CLIP with CoOp's prompt learner on the text side."""
 
+    prompt_learner_class = PromptLearner  # a sibling method's own learner
+
     def __init__(self, cfg, classnames: List[str], clip_model: nn.Module) -> None:
         super().__init__()
         prec = cfg.TRAINER.COOP.PREC
-        self.prompt_learner = PromptLearner(cfg, classnames, clip_model)
+        self.prompt_learner = self.prompt_learner_class(cfg, classnames, clip_model)
         self.image_encoder = fast.image_encoder(cfg, clip_model.visual, prec)
         self.text_encoder = fast.prompt_text_encoder(cfg, clip_model, self.prompt_learner, prec)
         self.logit_scale = clip_model.logit_scale
@@ -167,8 +178,13 @@ class CustomCLIP(nn.Module):
         """L2-normalised class text features of the learned context, (n_cls, embed_dim)."""
         return self.text_encoder()
 
-    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        text_features = self.text_features()
+    def logits(
+        self, image_features: torch.Tensor, text_features: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Logits of the image features against the class text features (default: those of
+        the current context)."""
+        if text_features is None:
+            text_features = self.text_features()
         logit_scale = self.logit_scale.exp()
         # the scale multiplies the image features before the matmul, as in the original
         return logit_scale * image_features @ text_features.t()  # (B, n_cls)
@@ -223,12 +239,19 @@ class CoOp(CLIPTrainer):
 
     @classmethod
     def add_config(cls, cfg) -> None:
-        cfg.TRAINER.COOP = CN()
-        cfg.TRAINER.COOP.N_CTX = 16  # number of context vectors
-        cfg.TRAINER.COOP.CSC = False  # class-specific context
-        cfg.TRAINER.COOP.CTX_INIT = ""  # initialisation words ("" = random)
-        cfg.TRAINER.COOP.PREC = "fp16"  # fp16, fp32, amp (and our bf16)
-        cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end, middle or front
+        # sibling methods read this node too and add their keys to it: only what is missing
+        # is added, whichever method's hook runs first
+        if "COOP" not in cfg.TRAINER:
+            cfg.TRAINER.COOP = CN()
+        defaults = {
+            "N_CTX": 16,  # number of context vectors
+            "CSC": False,  # class-specific context
+            "CTX_INIT": "",  # initialisation words ("" = random)
+            "PREC": "fp16",  # fp16, fp32, amp (and our bf16)
+            "CLASS_TOKEN_POSITION": "end",  # end, middle or front
+        }
+        for key, value in defaults.items():
+            cfg.TRAINER.COOP.setdefault(key, value)
 
     @classmethod
     def check_cfg(cls, cfg) -> None:
@@ -260,23 +283,29 @@ class CoOp(CLIPTrainer):
     def check_checkpoint(self, state_dict, path: str) -> None:
         """The learned context must fit the class count, the number of context tokens, CSC
         and (for a named backbone) the text width."""
-        opts = self.cfg.TRAINER.COOP
         ctx = state_dict.get("ctx")
         if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
             return
-        ctx_init = str(opts.CTX_INIT).replace("_", " ")
-        n_ctx = len(ctx_init.split(" ")) if ctx_init else int(opts.N_CTX)
+        n_ctx, csc = self.context_layout(self.cfg)
         backbone = self.cfg.MODEL.BACKBONE.NAME
         dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
-        expected = (self.num_classes, n_ctx, dim) if opts.CSC else (n_ctx, dim)
+        expected = (self.num_classes, n_ctx, dim) if csc else (n_ctx, dim)
         got = tuple(ctx.shape)
-        if got == expected or (opts.CSC and got == expected[1:]):  # a generic context fits CSC
+        if got == expected or (csc and got == expected[1:]):  # a generic context fits CSC
             return
         raise CheckpointError(
             f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
-            f"but {expected} here ({self.num_classes} classes, N_CTX {n_ctx}, CSC {opts.CSC}, "
+            f"but {expected} here ({self.num_classes} classes, N_CTX {n_ctx}, CSC {csc}, "
             f"backbone {backbone})"
         )
+
+    @classmethod
+    def context_layout(cls, cfg) -> Tuple[int, bool]:
+        """(number of context vectors, class-specific) of the context the config builds."""
+        opts = cfg.TRAINER.COOP
+        ctx_init = str(opts.CTX_INIT).replace("_", " ")
+        n_ctx = len(ctx_init.split(" ")) if ctx_init else int(opts.N_CTX)
+        return n_ctx, bool(opts.CSC)
 
     def prepare_loaded_state_dict(self, name, state_dict, path):
         state_dict = dict(state_dict)
