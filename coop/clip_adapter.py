@@ -52,15 +52,16 @@ __all__ = [
     "image_dtype",
     "import_clip",
     "input_resolution",
-    "layer_prompts",
     "load_clip",
     "resolve_weights",
     "text_heads",
+    "text_layer_prompts",
     "text_layers",
     "text_width",
     "token_length",
     "tokenize",
     "vision_heads",
+    "vision_layer_prompts",
     "vision_layers",
     "vision_tokens",
     "vision_width",
@@ -596,7 +597,8 @@ def add_layer_prompts(
     ``vision_depth`` > 0, and ``VPT_shallow`` (n_ctx, width) on blocks 1..depth-1 of the
     image (``visual.transformer.resblocks.<i>``) and text (``transformer.resblocks.<i>``)
     transformers (blocks past the tower's last have none). Drawn in that order, after CLIP
-    is built. :func:`layer_prompts` returns them as the ``deep`` lists of the two towers."""
+    is built. :func:`vision_layer_prompts` and :func:`text_layer_prompts` return them as the
+    ``deep`` lists of the two towers."""
     if min(vision_depth, text_depth) < 0:
         raise ValueError(f"Prompt depths must be >= 0, got {vision_depth} and {text_depth}")
     visual = clip_model.visual
@@ -613,13 +615,15 @@ def add_layer_prompts(
             nn.init.normal_(blocks[i].VPT_shallow, std=std)
 
 
-def layer_prompts(clip_model: nn.Module) -> tuple:
-    """``(vision deep, text deep)``: the prompts :func:`add_layer_prompts` gave the towers,
-    as the ``deep`` lists of :func:`encode_image_deep` and :class:`DeepTextEncoder`."""
-    visual = clip_model.visual
-    vision: List[Optional[torch.Tensor]] = [getattr(visual, "VPT", None)]
-    if is_vit(visual):
-        vision += [getattr(b, "VPT_shallow", None) for b in list(visual.transformer.resblocks)[1:]]
-    text: List[Optional[torch.Tensor]] = [None]
-    text += [getattr(b, "VPT_shallow", None) for b in list(clip_model.transformer.resblocks)[1:]]
-    return vision, text
+def vision_layer_prompts(visual: nn.Module) -> List[Optional[torch.Tensor]]:
+    """The image tower's prompts that :func:`add_layer_prompts` gave it, as the ``deep`` list
+    of :func:`encode_image_deep` (``visual``: CLIP's ``visual``)."""
+    blocks = list(visual.transformer.resblocks)[1:] if is_vit(visual) else []
+    return [getattr(visual, "VPT", None), *[getattr(b, "VPT_shallow", None) for b in blocks]]
+
+
+def text_layer_prompts(transformer: nn.Module) -> List[Optional[torch.Tensor]]:
+    """The text tower's prompts that :func:`add_layer_prompts` gave it, as the ``deep`` list
+    of :class:`DeepTextEncoder` (``transformer``: CLIP's text ``transformer``)."""
+    blocks = list(transformer.resblocks)[1:]
+    return [None, *[getattr(b, "VPT_shallow", None) for b in blocks]]

@@ -153,7 +153,8 @@ def test_layer_prompts_take_the_deep_prompting_papers_names(clip3):
         "transformer.resblocks.1.VPT_shallow": (4, 64),  # depth 9 > 3 layers: blocks 1, 2
         "transformer.resblocks.2.VPT_shallow": (4, 64),
     }
-    vision, text = ca.layer_prompts(model)
+    vision = ca.vision_layer_prompts(model.visual)
+    text = ca.text_layer_prompts(model.transformer)
     assert vision[0] is model.visual.VPT and vision[2] is None and text[0] is None
     assert text[2] is model.transformer.resblocks[2].VPT_shallow
     prompts = [model.visual.VPT, *[b.VPT_shallow for b in model.transformer.resblocks[1:]]]
