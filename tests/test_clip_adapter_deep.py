@@ -172,3 +172,19 @@ def test_once_per_evaluation_computes_once_inside_and_afresh_outside():
     with memo.frozen():
         assert [float(memo()) for _ in range(3)] == [1.0, 1.0, 1.0]
     assert float(memo()) == 2.0 and len(calls) == 2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fast_encode_text_equals_clips(clip3, enabled):
+    from coop.config import get_cfg_default
+    from coop.fast import encode_text
+
+    cfg = get_cfg_default()
+    cfg.FAST.ENABLED = enabled
+    tokens = ca.tokenize(["a photo of a dog.", "itap of the big red car.", "a cat."])
+    with torch.no_grad():
+        got, expected = encode_text(cfg, clip3, tokens), clip3.encode_text(tokens)
+    if enabled:
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(got, expected)

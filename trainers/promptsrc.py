@@ -90,12 +90,13 @@ class VLPromptLearner(nn.Module):
             per_template = []
             for template in PROMPTSRC_TEMPLATES:
                 tokens = tokenize([template.replace("{}", name) for name in classnames])
-                per_template.append(text_clip.encode_text(tokens.to(device)).unsqueeze(1))
+                features = fast.encode_text(cfg, text_clip, tokens)
+                per_template.append(features.unsqueeze(1))
             # (n_cls, 512), fp32, unnormalised: the mean of the unnormalised features
             fixed = torch.cat(per_template, dim=1).mean(dim=1)
         del text_clip
         # a buffer only to move with the model; the original does not save it
-        self.register_buffer("fixed_embeddings", fixed.cpu(), persistent=False)
+        self.register_buffer("fixed_embeddings", fixed, persistent=False)
         # saved in checkpoints as in the original, rebuilt from the class names on loading
         self.register_buffer("token_prefix", embedding[:, :1, :])  # SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :, :])  # class, EOS

@@ -7,6 +7,8 @@
   equal up to float rounding.
 - :class:`OncePerEvaluation`: the class text features computed once for a whole evaluation
   (the prompts do not depend on the image) instead of once per batch.
+- :func:`encode_text`: CLIP's ``encode_text`` of token ids (e.g. a frozen teacher's template
+  prompts), truncated after the last end-of-text token.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from coop.clip_adapter import DeepTextEncoder, replace_text_prompt
-from coop.fast.text import causal_block
+from coop.fast.text import TruncatedTextEncoder, causal_block
 
 
 class TruncatedDeepTextEncoder(DeepTextEncoder):
@@ -76,3 +78,16 @@ class OncePerEvaluation:
             yield
         finally:
             self.value = None
+
+
+def encode_text(cfg, clip_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``clip_model.encode_text(tokens)`` for the token ids ``tokens`` (n, 77) on the host ->
+    (n, embed_dim) on the model's device, over the positions up to the last end-of-text token
+    where ``FAST`` truncates (equal up to float rounding)."""
+    device = clip_model.positional_embedding.device
+    if not (cfg.FAST.ENABLED and cfg.FAST.TEXT != "plain"):
+        return clip_model.encode_text(tokens.to(device))
+    length = int(tokens.argmax(dim=-1).max()) + 1  # read on the host
+    tokens = tokens.to(device)
+    embedded = clip_model.token_embedding(tokens).type(clip_model.dtype)
+    return TruncatedTextEncoder(clip_model).encode(embedded, tokens, length)
