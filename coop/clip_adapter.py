@@ -5,8 +5,12 @@ backbone name or a local file to a checkpoint (downloaded with its SHA256 check)
 the model exactly as CoOp's ``load_clip_to_cpu`` does (so the torch RNG is consumed
 identically), tokenization, the plain text encoder of the prompt learners, and the model
 facts (widths, heads, context length, input size) read from the model, so that another CLIP
-family can sit behind the same functions. The speed paths, which rewrite parts of the
-encoders, are in :mod:`coop.fast`.
+family can sit behind the same functions. Deep prompts (prompt tokens inserted into or
+replacing tokens at the inputs of chosen transformer layers of both towers, as MaPLe and
+PromptSRC use them) run through :class:`DeepTextEncoder` and :func:`encode_image_deep`,
+which call CLIP's own residual blocks one by one and change the tokens between them; CLIP is
+neither vendored nor edited. The speed paths, which rewrite parts of the encoders, are in
+:mod:`coop.fast`.
 
 Nothing is imported or loaded at module import time beyond the standard library and torch.
 """
@@ -34,13 +38,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CLIPWeightsError",
+    "DeepTextEncoder",
     "TextEncoder",
+    "add_layer_prompts",
     "available_models",
     "clip_dtype",
     "context_length",
     "default_cache_dir",
     "download_weights",
     "embed_dim",
+    "encode_image_deep",
     "get_tokenizer",
     "image_dtype",
     "import_clip",
@@ -48,9 +55,16 @@ __all__ = [
     "load_clip",
     "resolve_weights",
     "text_heads",
+    "text_layer_prompts",
+    "text_layers",
     "text_width",
     "token_length",
     "tokenize",
+    "vision_heads",
+    "vision_layer_prompts",
+    "vision_layers",
+    "vision_tokens",
+    "vision_width",
 ]
 
 CACHE_ENV_VAR = "COOP_CLIP_CACHE"
@@ -402,6 +416,48 @@ def image_dtype(visual: nn.Module) -> torch.dtype:
     return visual.conv1.weight.dtype
 
 
+def text_layers(clip_model: nn.Module) -> int:
+    """Residual blocks of the text transformer."""
+    return len(clip_model.transformer.resblocks)
+
+
+def is_vit(visual: nn.Module) -> bool:
+    """Whether an image encoder is a vision transformer (not a ModifiedResNet)."""
+    return hasattr(visual, "transformer") and hasattr(visual, "class_embedding")
+
+
+def _vit(clip_model: nn.Module) -> nn.Module:
+    visual = getattr(clip_model, "visual", clip_model)
+    if not is_vit(visual):
+        raise ValueError(
+            f"Deep vision prompts need a ViT image encoder; this CLIP has a "
+            f"{type(visual).__name__}. Set MODEL.BACKBONE.NAME to a ViT backbone (ViT-B/16, "
+            "ViT-B/32, ViT-L/14)."
+        )
+    return visual
+
+
+def vision_width(clip_model: nn.Module) -> int:
+    """Width of the ViT image transformer (size of one image token; 768 for ViT-B)."""
+    return int(_vit(clip_model).conv1.weight.shape[0])
+
+
+def vision_layers(clip_model: nn.Module) -> int:
+    """Residual blocks of the ViT image transformer."""
+    return len(_vit(clip_model).transformer.resblocks)
+
+
+def vision_heads(clip_model: nn.Module) -> int:
+    """Attention heads of the ViT image transformer's blocks."""
+    return int(_vit(clip_model).transformer.resblocks[0].attn.num_heads)
+
+
+def vision_tokens(clip_model: nn.Module) -> int:
+    """Tokens the ViT image transformer sees without prompts: the patches and the class
+    token (197 for ViT-B/16 at 224 px)."""
+    return int(_vit(clip_model).positional_embedding.shape[0])
+
+
 # --------------------------------------------------------------------------------------------
 # The text tower
 
@@ -432,3 +488,142 @@ class TextEncoder(nn.Module):
         # (n, D) rows at the EOT token, projected to (n, embed_dim)
         x = x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
         return x
+
+
+# --------------------------------------------------------------------------------------------
+# Deep prompts
+#
+# A method supplies, per tower, a list ``deep`` indexed by layer: ``deep[i]`` (n, width) is
+# the prompt of the input of residual block i; an entry that is None, or past the end of the
+# list, leaves the tokens as the previous block left them. Layer 0 is where the prompt tokens
+# enter the sequence: on the image side ``deep[0]`` is appended after the class and patch
+# tokens (with their positional embeddings, before ``ln_pre``); on the text side the
+# method's prompt embeddings already hold them (CoOp's layout [SOS, ctx, class name ...]) and
+# ``deep[0]`` must be None. At a layer i >= 1 the prompt replaces the tokens at the prompt's
+# positions: the last n tokens of the image sequence, the tokens 1..n (after SOS) of the text
+# sequence. Prompts are cast to the activations' dtype; the same prompt serves every image
+# and every class. With no prompts both towers compute exactly what CLIP computes.
+
+
+def _layer_prompt(deep: Sequence[Optional[torch.Tensor]], i: int) -> Optional[torch.Tensor]:
+    return deep[i] if i < len(deep) else None
+
+
+def replace_text_prompt(x: torch.Tensor, prompt: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """The text tokens ``x`` with tokens 1..n (after SOS) replaced by ``prompt`` (n, D) for
+    every sequence; ``seq_dim``: the token axis of ``x`` (0 in CLIP's LND layout, 1 batch
+    first)."""
+    n = prompt.shape[0]
+    if seq_dim == 0:  # (L, N, D)
+        p = prompt.to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
+        return torch.cat([x[:1], p, x[1 + n :]], dim=0)
+    p = prompt.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)  # (N, L, D)
+    return torch.cat([x[:, :1], p, x[:, 1 + n :]], dim=1)
+
+
+class DeepTextEncoder(TextEncoder):
+    """CLIP's text tower with deep prompts: ``forward(prompts (n, 77, D), tokenized (n, 77),
+    deep) -> (n, embed_dim)``, ``deep[i]`` (n_ctx, D) replacing the tokens 1..n_ctx at the
+    input of block i >= 1 (see the section comment). CLIP's blocks run one by one over all
+    77 positions, as ``transformer(x)`` runs them; without prompts the result is
+    :class:`TextEncoder`'s bit for bit. The state dict has :class:`TextEncoder`'s keys."""
+
+    def forward(  # type: ignore[override]
+        self,
+        prompts: torch.Tensor,
+        tokenized_prompts: torch.Tensor,
+        deep: Sequence[Optional[torch.Tensor]] = (),
+    ) -> torch.Tensor:
+        if deep and deep[0] is not None:
+            raise ValueError("the text side's layer-0 prompt is part of the prompt embeddings")
+        x = prompts + self.positional_embedding.type(self.dtype)
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        for i, block in enumerate(self.transformer.resblocks):
+            prompt = _layer_prompt(deep, i)
+            if prompt is not None:
+                x = replace_text_prompt(x, prompt, seq_dim=0)
+            x = block(x)
+        x = x.permute(1, 0, 2)  # LND -> NLD
+        x = self.ln_final(x).type(self.dtype)
+        rows = torch.arange(x.shape[0])
+        return x[rows, tokenized_prompts.argmax(dim=-1)] @ self.text_projection
+
+
+def encode_image_deep(
+    visual: nn.Module, image: torch.Tensor, deep: Sequence[Optional[torch.Tensor]] = ()
+) -> torch.Tensor:
+    """CLIP's ViT image tower ``visual`` on ``image`` (B, 3, H, W), already in the tower's
+    dtype, with deep prompts: ``deep[0]`` (n, W) appended to the tokens before ``ln_pre``,
+    ``deep[i]`` replacing the last n tokens at the input of block i >= 1 (see the section
+    comment). Returns the unnormalised features (B, embed_dim); without prompts exactly
+    ``visual(image)``."""
+    visual = _vit(visual)
+    x = visual.conv1(image)  # (B, W, grid, grid)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, grid², W)
+    cls = visual.class_embedding.to(x.dtype) + torch.zeros(
+        x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device
+    )
+    x = torch.cat([cls, x], dim=1)  # (B, grid² + 1, W)
+    x = x + visual.positional_embedding.to(x.dtype)
+    first = _layer_prompt(deep, 0)
+    if first is not None:
+        x = torch.cat([x, first.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+    x = visual.ln_pre(x)
+    x = x.permute(1, 0, 2)  # NLD -> LND
+    for i, block in enumerate(visual.transformer.resblocks):
+        prompt = _layer_prompt(deep, i) if i else None
+        if prompt is not None:
+            p = prompt.to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
+            x = torch.cat([x[: x.shape[0] - prompt.shape[0]], p], dim=0)
+        x = block(x)
+    x = x.permute(1, 0, 2)  # LND -> NLD
+    x = visual.ln_post(x[:, 0, :])
+    if visual.proj is not None:
+        x = x @ visual.proj
+    return x
+
+
+def add_layer_prompts(
+    clip_model: nn.Module,
+    vision_depth: int,
+    vision_ctx: int,
+    text_depth: int,
+    text_ctx: int,
+    std: float = 0.02,
+) -> None:
+    """Give the towers of ``clip_model`` their own learnable prompts (fp32, normal with
+    ``std``), under the names the deep-prompting papers' modified CLIP uses, so that their
+    checkpoints' keys match: ``visual.VPT`` (vision_ctx, W) for image layer 0 when
+    ``vision_depth`` > 0, and ``VPT_shallow`` (n_ctx, width) on blocks 1..depth-1 of the
+    image (``visual.transformer.resblocks.<i>``) and text (``transformer.resblocks.<i>``)
+    transformers (blocks past the tower's last have none). Drawn in that order, after CLIP
+    is built. :func:`vision_layer_prompts` and :func:`text_layer_prompts` return them as the
+    ``deep`` lists of the two towers."""
+    if min(vision_depth, text_depth) < 0:
+        raise ValueError(f"Prompt depths must be >= 0, got {vision_depth} and {text_depth}")
+    visual = clip_model.visual
+    if vision_depth > 0:
+        visual.VPT = nn.Parameter(torch.empty(vision_ctx, vision_width(clip_model)))
+        nn.init.normal_(visual.VPT, std=std)
+    for blocks, depth, n_ctx in (
+        (visual.transformer.resblocks if vision_depth else [], vision_depth, vision_ctx),
+        (clip_model.transformer.resblocks, text_depth, text_ctx),
+    ):
+        for i in range(1, min(depth, len(blocks))):
+            width = blocks[i].ln_1.weight.shape[0]
+            blocks[i].VPT_shallow = nn.Parameter(torch.empty(n_ctx, width))
+            nn.init.normal_(blocks[i].VPT_shallow, std=std)
+
+
+def vision_layer_prompts(visual: nn.Module) -> List[Optional[torch.Tensor]]:
+    """The image tower's prompts that :func:`add_layer_prompts` gave it, as the ``deep`` list
+    of :func:`encode_image_deep` (``visual``: CLIP's ``visual``)."""
+    blocks = list(visual.transformer.resblocks)[1:] if is_vit(visual) else []
+    return [getattr(visual, "VPT", None), *[getattr(b, "VPT_shallow", None) for b in blocks]]
+
+
+def text_layer_prompts(transformer: nn.Module) -> List[Optional[torch.Tensor]]:
+    """The text tower's prompts that :func:`add_layer_prompts` gave it, as the ``deep`` list
+    of :class:`DeepTextEncoder` (``transformer``: CLIP's text ``transformer``)."""
+    blocks = list(transformer.resblocks)[1:]
+    return [None, *[getattr(b, "VPT_shallow", None) for b in blocks]]

@@ -16,7 +16,10 @@ A method subclass provides:
   method whose original reads another method's node adds its keys there, adding only what
   is missing, and names that node in ``config_node_name``);
 - ``build_custom_clip(clip_model)``: the model (an ``nn.Module`` whose ``forward(image)``
-  gives logits), its learnable part named by ``learnable`` (default ``"prompt_learner"``);
+  gives logits, or in training a tuple whose first item is the logits and the rest what
+  ``compute_loss`` reads), its learnable part named by ``learnable`` (default
+  ``"prompt_learner"``), or ``model_name`` set to register the whole model under that name
+  (its parameters chosen by ``is_learnable`` are trained, the rest frozen);
 - ``image_features(images)`` / ``logits_from_features(features)`` such that
   ``logits_from_features(image_features(x))`` is what ``model_inference(x)`` computes (the
   feature caches use them); ``image_encoder_frozen = False`` where the image encoder learns
@@ -66,6 +69,10 @@ class CLIPTrainer:
     trains = True  # False: nothing is learned (no checkpoint; --eval-only needs no model)
     image_encoder_frozen = True  # only then are cached image features used
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
+    # set: the whole model is registered (saved, optimised, put in train/eval mode) under
+    # this name, as methods whose learnable prompts sit inside CLIP's towers do; the
+    # optimizer then holds every parameter, and only the learnable ones get gradients
+    model_name: Optional[str] = None
     # the folder of this method's shipped YAML files, ``configs/trainers/<config_dir>/``
     # (None: the class name)
     config_dir: Optional[str] = None
@@ -197,17 +204,20 @@ class CLIPTrainer:
 
         logger.info("Turning off gradients in both the image and the text encoder")
         for name, param in self.model.named_parameters():
-            if self.learnable not in name:
+            if not self.is_learnable(name):
                 param.requires_grad_(False)
+        if self.model_name:
+            trained = sorted(n for n, p in self.model.named_parameters() if p.requires_grad)
+            logger.info(f"Parameters to be updated: {trained}")
         if cfg.MODEL.INIT_WEIGHTS:
             self.load_pretrained_weights(cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
         self.after_model_built()
 
-        module = getattr(self.model, self.learnable)
+        module = self.trained_module()
         self.optim = self.build_optimizer(module, cfg.OPTIM)
         self.sched = self.build_lr_scheduler(self.optim, cfg.OPTIM)
-        self.register_model(self.learnable, module, self.optim, self.sched)
+        self.register_model(self.model_name or self.learnable, module, self.optim, self.sched)
 
         self.use_amp = prec == "amp" and self.device.type == "cuda"
         if prec == "amp" and not self.use_amp:
@@ -219,6 +229,16 @@ class CLIPTrainer:
     def build_custom_clip(self, clip_model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def is_learnable(self, name: str) -> bool:
+        """Whether the model's parameter ``name`` is trained (default: it lies in the
+        ``learnable`` part); the others are frozen."""
+        return self.learnable in name
+
+    def trained_module(self) -> nn.Module:
+        """The module registered, saved and given to the optimizer: the whole model where
+        ``model_name`` is set, else its ``learnable`` part."""
+        return self.model if self.model_name else getattr(self.model, self.learnable)
+
     def after_model_built(self) -> None:
         """Hook: the model is on its device, before the optimizer is built."""
 
@@ -227,7 +247,7 @@ class CLIPTrainer:
         match."""
         from coop.io import CheckpointError, load_checkpoint
 
-        module = getattr(self.model, self.learnable)
+        module = self.trained_module()
         ckpt = load_checkpoint(path)
         own = module.state_dict()
         matched = {
@@ -237,6 +257,36 @@ class CLIPTrainer:
             raise CheckpointError(f"No weights in {path} match the {self.learnable}")
         module.load_state_dict(matched, strict=False)
         logger.info(f"Initialized the {self.learnable} from {path}: {sorted(matched)}")
+
+    def fit_whole_model_state(
+        self,
+        state_dict: Dict[str, torch.Tensor],
+        path: str,
+        rebuilt: Sequence[str] = (),
+        optional: Sequence[str] = (),
+    ) -> Dict[str, torch.Tensor]:
+        """A loaded checkpoint of the whole model (``model_name``) fitted to the model:
+        the ``rebuilt`` keys (e.g. the class-name token buffers, which the original's
+        ``load_model`` drops) and absent keys starting with an ``optional`` prefix keep the
+        model's values; a missing key or a wrong shape is one error naming it; the model's
+        dtypes are kept (an fp16 checkpoint evaluated in fp32)."""
+        from coop.io import CheckpointError
+
+        own = self.model.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if k not in rebuilt}
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                raise CheckpointError(
+                    f"The checkpoint {path} does not fit this model: '{key}' has shape "
+                    f"{tuple(value.shape)} there but {tuple(own[key].shape)} here"
+                )
+        missing = [k for k in own if k not in state_dict and k not in rebuilt]
+        missing = [k for k in missing if not k.startswith(tuple(optional))]
+        if missing:
+            raise CheckpointError(f"The checkpoint {path} lacks the weights {missing[:5]}")
+        out = {k: v for k, v in own.items() if k not in state_dict}
+        out.update({k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()})
+        return out
 
     # ------------------------------------------------------------------ the step
     def parse_batch_train(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:

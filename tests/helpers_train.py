@@ -58,3 +58,25 @@ def loss_lines(log_path: str) -> List[str]:
                 keep = parts[:4] + parts[10:-2]
                 out.append(" ".join(keep))
     return out
+
+
+def method_argv(
+    root: str, out: str, ckpt: str, trainer: str, config: str, *extra: str, shots: int = 4
+) -> List[str]:
+    """A method's command line with one of its shipped YAMLs, as a CPU test runs it (fp32,
+    32 px, 0 workers)."""
+    node = trainer.upper()
+    return [
+        "--root", root,
+        "--seed", "1",
+        "--trainer", trainer,
+        "--dataset-config-file", "configs/datasets/caltech101.yaml",
+        "--config-file", f"configs/trainers/{trainer}/{config}.yaml",
+        "--output-dir", out,
+        "DATASET.NUM_SHOTS", str(shots),
+        "MODEL.BACKBONE.NAME", ckpt,
+        "INPUT.SIZE", "(32, 32)",
+        f"TRAINER.{node}.PREC", "fp32",
+        "DATALOADER.NUM_WORKERS", "0",
+        *extra,
+    ]  # fmt: skip

@@ -271,3 +271,24 @@ def test_gpu_checks_runs_the_chosen_parts_and_goes_on_after_a_failure(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown part 'grpahs' in PARTS" in bad.stderr
     assert len(log.read_text().splitlines()) == 2 and not (tmp_path / "out2").exists()
+
+
+def test_deep_prompts_times_maples_plain_and_fast_paths_side_by_side():
+    plan = bench.make_plan(True, "cpu")
+    # a tiny ViT CLIP (32 px, 3 blocks per tower) and 4 classes
+    tiny = bench.Shape("ViT-tiny", (32, 32, 3, 64, 16, 77, 49408, 64, 1, 3), 2, 3)
+    plan.shapes = {"ViT-B/16": tiny}
+    plan.n_small, plan.reps, plan.warmup, plan.eval_batches = 4, 1, 0, 2
+    res = bench.case_deep_prompts(plan)
+    step, ev = res["rows"]
+    assert step["setting"] == "MaPLe ViT-tiny 4 cls step b2"
+    assert ev["setting"] == "MaPLe ViT-tiny 4 cls eval 2x3"
+    for r in (step, ev):
+        assert r["case"] == "deep_prompts" and r["target"] == [">=", 1.0]
+        assert r["value"] == pytest.approx(r["plain"] / r["fast"])
+    plain, fast = (bench.build_deep(plan, bench.build_clip(plan, tiny), tiny, ["a", "b"], f)[0]
+                   for f in (False, True))  # fmt: skip
+    assert type(plain.text_encoder).__name__ == "DeepTextEncoder"
+    assert type(fast.text_encoder).__name__ == "TruncatedDeepTextEncoder"
+    trained = {n for n, p in fast.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("prompt_learner.") for n in trained)

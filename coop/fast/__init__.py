@@ -9,7 +9,10 @@ Methods use it through the functions below:
 - :func:`image_encoder`: a frozen image encoder with folded batch norms, channels-last and
   CUDA graphs (:mod:`coop.fast.image`, :mod:`coop.fast.cuda_graphs`);
 - :func:`prompt_text_encoder`: the class text features of a prompt learner on the plain,
-  truncated or shared-prefix text path (:mod:`coop.fast.text`, :mod:`coop.fast.shared_prefix`).
+  truncated or shared-prefix text path (:mod:`coop.fast.text`, :mod:`coop.fast.shared_prefix`);
+- :func:`deep_text_encoder` and :class:`OncePerEvaluation`: the text side of methods with
+  deep prompts, truncated, and computed once per evaluation; :func:`encode_text` of token
+  ids truncated (:mod:`coop.fast.deep`).
 
 The disk caches of frozen image features (:mod:`coop.fast.feature_cache`) are used by the
 trainer base, :class:`coop.clip_trainer.CLIPTrainer`.
@@ -26,6 +29,7 @@ from torch import nn
 from coop.clip_adapter import load_clip
 from coop.fast.clip_init import memoised_builder
 from coop.fast.cuda_graphs import cuda_graphs_for
+from coop.fast.deep import OncePerEvaluation, deep_text_encoder, encode_text
 from coop.fast.feature_cache import default_cache_dir
 from coop.fast.image import ImageEncoder
 from coop.fast.text import PromptTextEncoder
@@ -34,8 +38,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageEncoder",
+    "OncePerEvaluation",
     "PromptTextEncoder",
     "cuda_graphs_for",
+    "deep_text_encoder",
+    "encode_text",
     "image_encoder",
     "load_clip_for",
     "prompt_text_encoder",

@@ -45,17 +45,23 @@ def encode_causal(transformer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     against 1290 ATen calls at 12 layers and 100 classes), and operations are what bound a
     GPU step with a few hundred classes (benchmarks/README.md); equal to it up to float
     rounding. Nothing is read back from the device."""
-    n, length, d = x.shape
     for block in transformer.resblocks:
-        heads = block.attn.num_heads
-        h = block.ln_1(x)
-        qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
-        q, k, v = qkv.view(n, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, heads, L, d / heads)
-        a = a.transpose(1, 2).reshape(n, length, d)
-        x = x + F.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
-        x = x + block.mlp(block.ln_2(x))
+        x = causal_block(block, x)
     return x
+
+
+def causal_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One of CLIP's text residual blocks over ``x`` (n, L, D), batch first, causal (the
+    step of :func:`encode_causal`)."""
+    n, length, d = x.shape
+    heads = block.attn.num_heads
+    h = block.ln_1(x)
+    qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
+    q, k, v = qkv.view(n, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (n, heads, L, d / heads)
+    a = a.transpose(1, 2).reshape(n, length, d)
+    x = x + F.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
+    return x + block.mlp(block.ln_2(x))
 
 
 class TruncatedTextEncoder(TextEncoder):
