@@ -29,9 +29,14 @@ POSITIONS = ("end", "middle", "front")
 class PromptLearner(nn.Module):
     """The learnable context and the fixed token embeddings of the class-name prompts."""
 
-    def __init__(self, cfg, classnames: List[str], clip_model: nn.Module) -> None:
+    def __init__(
+        self, cfg, classnames: List[str], clip_model: nn.Module, opts: Optional[CN] = None
+    ) -> None:
+        """``opts``: the method's config node (default ``TRAINER.COOP``); a node without
+        ``CSC`` / ``CLASS_TOKEN_POSITION`` gets a generic context with the class at the end."""
         super().__init__()
-        opts = cfg.TRAINER.COOP
+        opts = cfg.TRAINER.COOP if opts is None else opts
+        csc = bool(opts.get("CSC", False))
         n_cls = len(classnames)
         n_ctx = opts.N_CTX
         ctx_init = opts.CTX_INIT
@@ -54,14 +59,14 @@ class PromptLearner(nn.Module):
             with torch.no_grad():
                 embedding = clip_model.token_embedding(prompt).type(dtype)
             ctx_vectors = embedding[0, 1 : 1 + n_ctx, :]  # (n_ctx, ctx_dim)
-            if opts.CSC:
+            if csc:
                 # class-specific contexts, each starting from the same words (the original
                 # silently fell back to one generic context here)
                 logger.info("Initializing class-specific contexts from the given words")
                 ctx_vectors = ctx_vectors.unsqueeze(0).repeat(n_cls, 1, 1).clone()
             prompt_prefix = ctx_init
         else:
-            if opts.CSC:
+            if csc:
                 logger.info("Initializing class-specific contexts")
                 ctx_vectors = torch.empty(n_cls, n_ctx, ctx_dim, dtype=dtype)
             else:
@@ -91,7 +96,7 @@ class PromptLearner(nn.Module):
         self.n_ctx = n_ctx
         self.tokenized_prompts = tokenized_prompts
         self.name_lens = name_lens
-        self.class_token_position = opts.CLASS_TOKEN_POSITION
+        self.class_token_position = opts.get("CLASS_TOKEN_POSITION", "end")
 
     def forward(self, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Prompt embeddings, (n_cls, 77, ctx_dim), of the context ``ctx`` (default: the
@@ -199,6 +204,8 @@ class CoOp(CLIPTrainer):
     """Context Optimization (CoOp): cross-entropy on CLIP's logits, the prompt learner
     trained alone."""
 
+    derived_state_keys = ("token_prefix", "token_suffix")  # the original's checkpoints hold them
+
     @classmethod
     def add_config(cls, cfg) -> None:
         cfg.TRAINER.COOP = CN()
@@ -238,29 +245,10 @@ class CoOp(CLIPTrainer):
     def check_checkpoint(self, state_dict, path: str) -> None:
         """The learned context must fit the class count, the number of context tokens, CSC
         and (for a named backbone) the text width."""
-        opts = self.cfg.TRAINER.COOP
-        ctx = state_dict.get("ctx")
-        if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
-            return
-        ctx_init = str(opts.CTX_INIT).replace("_", " ")
-        n_ctx = len(ctx_init.split(" ")) if ctx_init else int(opts.N_CTX)
-        backbone = self.cfg.MODEL.BACKBONE.NAME
-        dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
-        expected = (self.num_classes, n_ctx, dim) if opts.CSC else (n_ctx, dim)
-        got = tuple(ctx.shape)
-        if got == expected or (opts.CSC and got == expected[1:]):  # a generic context fits CSC
-            return
-        raise CheckpointError(
-            f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
-            f"but {expected} here ({self.num_classes} classes, N_CTX {n_ctx}, CSC {opts.CSC}, "
-            f"backbone {backbone})"
-        )
+        check_context_fits(self, state_dict, path, self.cfg.TRAINER.COOP)
 
     def prepare_loaded_state_dict(self, name, state_dict, path):
         state_dict = dict(state_dict)
-        # old-format checkpoints (the original's) store the class-name token buffers
-        state_dict.pop("token_prefix", None)
-        state_dict.pop("token_suffix", None)
         own = self._models[name].state_dict()
         ctx = state_dict.get("ctx")
         if ctx is not None and ctx.dim() == 2 and own["ctx"].dim() == 3:
@@ -269,16 +257,40 @@ class CoOp(CLIPTrainer):
                 # classes gives the same logits as that generic model
                 logger.info(f"Using the generic context of {path} for every class")
                 state_dict["ctx"] = ctx.unsqueeze(0).expand_as(own["ctx"]).clone()
-        for key, value in state_dict.items():
-            if key in own and own[key].shape != value.shape:
-                raise CheckpointError(
-                    f"The checkpoint {path} does not fit this model: '{key}' has shape "
-                    f"{tuple(value.shape)} there but {tuple(own[key].shape)} here "
-                    f"({self.num_classes} classes, N_CTX {self.model.prompt_learner.n_ctx}, "
-                    f"CSC {self.cfg.TRAINER.COOP.CSC}, backbone {self.cfg.MODEL.BACKBONE.NAME})"
-                )
-        missing = [k for k in own if k not in state_dict]
-        if missing:
-            raise CheckpointError(f"The checkpoint {path} lacks the weights {missing}")
-        # keep the model's dtype (e.g. an fp16 checkpoint evaluated in fp32)
-        return {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
+        return super().prepare_loaded_state_dict(name, state_dict, path)
+
+    def model_description(self) -> str:
+        return (
+            f"{self.num_classes} classes, N_CTX {self.model.prompt_learner.n_ctx}, "
+            f"CSC {self.cfg.TRAINER.COOP.CSC}, backbone {self.cfg.MODEL.BACKBONE.NAME}"
+        )
+
+
+def context_tokens(opts: CN) -> int:
+    """The number of context tokens a config node asks for: the words of ``CTX_INIT``,
+    else ``N_CTX``."""
+    ctx_init = str(opts.CTX_INIT).replace("_", " ")
+    return len(ctx_init.split(" ")) if ctx_init else int(opts.N_CTX)
+
+
+def check_context_fits(trainer: CLIPTrainer, state_dict, path: str, opts: CN) -> None:
+    """Stop with a :class:`CheckpointError` when the checkpoint's ``ctx`` cannot fit the
+    context ``opts`` asks for (class count, context tokens, ``CSC`` where the node has it,
+    the text width of a named backbone); called before CLIP is loaded."""
+    ctx = state_dict.get("ctx")
+    if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
+        return
+    csc = bool(opts.get("CSC", False))
+    n_ctx = context_tokens(opts)
+    backbone = trainer.cfg.MODEL.BACKBONE.NAME
+    dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
+    expected = (trainer.num_classes, n_ctx, dim) if csc else (n_ctx, dim)
+    got = tuple(ctx.shape)
+    if got == expected or (csc and got == expected[1:]):  # a generic context fits CSC
+        return
+    settings = f"N_CTX {n_ctx}, CSC {csc}" if "CSC" in opts else f"N_CTX {n_ctx}"
+    raise CheckpointError(
+        f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
+        f"but {expected} here ({trainer.num_classes} classes, {settings}, "
+        f"backbone {backbone})"
+    )

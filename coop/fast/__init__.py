@@ -9,7 +9,9 @@ Methods use it through the functions below:
 - :func:`image_encoder`: a frozen image encoder with folded batch norms, channels-last and
   CUDA graphs (:mod:`coop.fast.image`, :mod:`coop.fast.cuda_graphs`);
 - :func:`prompt_text_encoder`: the class text features of a prompt learner on the plain,
-  truncated or shared-prefix text path (:mod:`coop.fast.text`, :mod:`coop.fast.shared_prefix`).
+  truncated or shared-prefix text path (:mod:`coop.fast.text`, :mod:`coop.fast.shared_prefix`);
+- :func:`instance_text_encoder`: the class text features of a context per image, several
+  images per text-encoder pass (:mod:`coop.fast.instance_text`).
 
 The disk caches of frozen image features (:mod:`coop.fast.feature_cache`) are used by the
 trainer base, :class:`coop.clip_trainer.CLIPTrainer`.
@@ -28,15 +30,18 @@ from coop.fast.clip_init import memoised_builder
 from coop.fast.cuda_graphs import cuda_graphs_for
 from coop.fast.feature_cache import default_cache_dir
 from coop.fast.image import ImageEncoder
+from coop.fast.instance_text import InstanceTextEncoder
 from coop.fast.text import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ImageEncoder",
+    "InstanceTextEncoder",
     "PromptTextEncoder",
     "cuda_graphs_for",
     "image_encoder",
+    "instance_text_encoder",
     "load_clip_for",
     "prompt_text_encoder",
 ]
@@ -78,3 +83,15 @@ def prompt_text_encoder(
     ``TRAINER.<NAME>.PREC``) fp16 or fp32; computed once inside ``.frozen()``. The prompt
     learner's contract is in :class:`~coop.fast.text.PromptTextEncoder`."""
     return PromptTextEncoder(cfg, clip_model, prompt_learner, prec)
+
+
+def instance_text_encoder(
+    cfg, clip_model: nn.Module, prompt_learner: nn.Module
+) -> InstanceTextEncoder:
+    """CLIP's frozen text tower for a prompt learner with one context per image: calling it
+    on the contexts (B, n_ctx, D) gives each image's L2-normalised class text features,
+    (B, n_cls, embed_dim); with ``FAST.ENABLED`` several images' prompts per pass (at most
+    ``FAST.CLASS_CHUNK``), truncated at the end-of-text token unless ``FAST.TEXT plain``,
+    else the original's loop over the images. The prompt learner's contract is in
+    :class:`~coop.fast.instance_text.InstanceTextEncoder`."""
+    return InstanceTextEncoder(cfg, clip_model, prompt_learner)
