@@ -99,6 +99,17 @@ def _trainer_names():
     return sorted(name for name, _ in TRAINER_REGISTRY.items())
 
 
+def _fp32(name):
+    """PREC fp32 for the trainer's own node (CoOp's is set by ``coop_argv``)."""
+    from coop.config import get_cfg_default
+    from coop.registry import TRAINER_REGISTRY
+
+    node = TRAINER_REGISTRY.get(name).config_node_name()
+    if node in (None, "COOP") or "PREC" not in get_cfg_default().TRAINER[node]:
+        return []
+    return [f"TRAINER.{node}.PREC", "fp32"]
+
+
 @pytest.mark.parametrize("fast", ["True", "False"])
 @pytest.mark.parametrize("name", _trainer_names())
 def test_every_trainer_gives_the_same_numbers_on_both_engines(
@@ -114,6 +125,7 @@ def test_every_trainer_gives_the_same_numbers_on_both_engines(
             data_root, out, learnable_clip, "FAST.ENABLED", fast, "DATASET.NUM_SHOTS", "8"
         )
         argv[argv.index("--trainer") + 1] = name
+        argv += _fp32(name)
         assert main(["--engine", engine, *argv]) == 0
         logs[engine] = os.path.join(out, "log.txt")
     ours, theirs = (loss_lines(logs[e]) for e in ("bundled", "dassl"))
