@@ -271,3 +271,43 @@ def test_gpu_checks_runs_the_chosen_parts_and_goes_on_after_a_failure(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown part 'grpahs' in PARTS" in bad.stderr
     assert len(log.read_text().splitlines()) == 2 and not (tmp_path / "out2").exists()
+
+
+def test_cocoop_case_times_fast_against_plain_side_by_side(tmp_path):
+    plan = bench.make_plan(True, "cpu")
+    plan.tmp = str(tmp_path)
+    # a tiny ViT CLIP (32 px, embed 32, text 64 wide, 1 layer each), 5 classes, test batch 3
+    tiny = bench.Shape("ViT-tiny", (32, 32, 1, 64, 16, 77, 49408, 64, 1, 1), 2, 3)
+    plan.shapes = {"ViT-B/16": tiny}
+    plan.n_small, plan.reps, plan.warmup = 5, 1, 0
+    res = bench.case_cocoop(plan, bench._Models(plan))
+    train, evaluation = res["rows"]
+    assert train["setting"] == "ViT-tiny 5 cls train b1"
+    assert evaluation["setting"] == "ViT-tiny 5 cls eval b3"
+    for r in (train, evaluation):
+        assert r["case"] == "cocoop" and r["target"] == [">=", bench.COCOOP_TARGET]
+        assert r["value"] == pytest.approx(r["plain"] / r["fast"])
+        assert r["result"] in ("PASS", "FAIL")
+    assert "text mode truncate" in train["note"]
+    # FAST.CLASS_CHUNK 1024 prompts per pass: the whole test batch of 3 x 5 prompts at once
+    assert evaluation["note"].startswith("3 images per text pass (FAST.CLASS_CHUNK 1024)")
+    times = res["times"]["ViT-tiny 5 cls eval b3"]
+    assert set(times) == {"plain", "fast", "one_per_pass", "image"}
+    assert all(len(v) == 1 and v[0] > 0 for v in times.values())
+
+
+def test_the_cocoop_models_take_the_plain_and_the_fast_path(tmp_path):
+    from coop.clip_adapter import load_clip
+    from coop.testing.tiny_clip import save_tiny_clip
+
+    clip = load_clip(save_tiny_clip(str(tmp_path / "c.pt"), arch="vit")).float()
+    plan = bench.make_plan(True, "cpu")
+    shape = bench.Shape("tiny", (0, 32), 2, 2)  # only the resolution is read
+    plain, _ = bench.build_cocoop(plan, clip, shape, ["a", "b c"], fast=False)
+    fast, _ = bench.build_cocoop(plan, clip, shape, ["a", "b c"], fast=True)
+    one, _ = bench.build_cocoop(plan, clip, shape, ["a", "b c"], True, ("FAST.CLASS_CHUNK", "2"))
+    assert plain.text_encoder.text_mode == "loop" and fast.text_encoder.text_mode == "truncate"
+    assert fast.text_encoder.images_per_pass(100) == 100  # 200 prompts: all in one pass
+    assert fast.text_encoder.images_per_pass(1000) == 512  # 1024 prompts per pass
+    assert one.text_encoder.images_per_pass(100) == 1
+    assert plain.prompt_learner.ctx.shape == (4, 64)  # "a photo of a", as the protocol's YAML

@@ -72,12 +72,13 @@ class InstanceTextEncoder(nn.Module):
         return self._learner[0]
 
     def images_per_pass(self, batch: int) -> int:
-        """How many images' prompts go through the text tower together."""
+        """How many of a batch of ``batch`` images' prompts go through the text tower
+        together."""
         if self.text_mode == "loop":
             return 1
         if not self.chunk:
             return max(batch, 1)
-        return max(1, self.chunk // self.prompt_learner.n_cls)
+        return max(1, min(batch, self.chunk // self.prompt_learner.n_cls))
 
     def log_setup(self) -> None:
         if self.text_mode != "loop":
