@@ -771,9 +771,8 @@ def case_cocoop(plan: Plan, models: _Models) -> Dict[str, Any]:
     mp, op = build_cocoop(plan, build_clip(plan, shape), shape, names, False)
     mf, of = build_cocoop(plan, build_clip(plan, shape, "fast"), shape, names, True)
     # the fast path without the batching: truncated, one image per pass
-    m1, _ = build_cocoop(
-        plan, build_clip(plan, shape, "fast"), shape, names, True, ("FAST.CLASS_CHUNK", str(n_cls))
-    )
+    one = ("FAST.CLASS_CHUNK", str(n_cls))
+    m1, _ = build_cocoop(plan, build_clip(plan, shape, "fast"), shape, names, True, one)
     rows, info = [], {}
 
     images, labels = batch_for(plan, shape, 1, n_cls)
@@ -803,7 +802,8 @@ def case_cocoop(plan: Plan, models: _Models) -> Dict[str, Any]:
     )
 
     images, _ = batch_for(plan, shape, shape.test_batch, n_cls)
-    per_pass = mf.text_encoder.images_per_pass(shape.test_batch)
+    per_pass = mf.text_encoder.images_per_pass(shape.test_batch, plan.device.type)
+    budget = mf.text_encoder.prompts_per_pass(plan.device.type)
 
     def evaluate(model, context) -> Callable[[], None]:
         def fn() -> None:
@@ -834,8 +834,8 @@ def case_cocoop(plan: Plan, models: _Models) -> Dict[str, Any]:
             tf,
             tp / tf,
             (">=", COCOOP_TARGET),
-            note=f"{per_pass} images per text pass (FAST.CLASS_CHUNK "
-            f"{mf.text_encoder.chunk}); truncated but one image per pass "
+            note=f"{per_pass} images per text pass (at most {budget or 'all'} prompts); "
+            f"truncated at one image per pass "
             f"{_fmt_amount(t['one_per_pass'][0], 's')}; the image forward alone "
             f"{_fmt_amount(ti, 's')}",
         )

@@ -289,8 +289,8 @@ def test_cocoop_case_times_fast_against_plain_side_by_side(tmp_path):
         assert r["value"] == pytest.approx(r["plain"] / r["fast"])
         assert r["result"] in ("PASS", "FAIL")
     assert "text mode truncate" in train["note"]
-    # FAST.CLASS_CHUNK 1024 prompts per pass: the whole test batch of 3 x 5 prompts at once
-    assert evaluation["note"].startswith("3 images per text pass (FAST.CLASS_CHUNK 1024)")
+    # at most 256 prompts per pass on a CPU: the whole test batch of 3 x 5 prompts at once
+    assert evaluation["note"].startswith("3 images per text pass (at most 256 prompts)")
     times = res["times"]["ViT-tiny 5 cls eval b3"]
     assert set(times) == {"plain", "fast", "one_per_pass", "image"}
     assert all(len(v) == 1 and v[0] > 0 for v in times.values())
@@ -308,6 +308,8 @@ def test_the_cocoop_models_take_the_plain_and_the_fast_path(tmp_path):
     one, _ = bench.build_cocoop(plan, clip, shape, ["a", "b c"], True, ("FAST.CLASS_CHUNK", "2"))
     assert plain.text_encoder.text_mode == "loop" and fast.text_encoder.text_mode == "truncate"
     assert fast.text_encoder.images_per_pass(100) == 100  # 200 prompts: all in one pass
-    assert fast.text_encoder.images_per_pass(1000) == 512  # 1024 prompts per pass
+    assert fast.text_encoder.images_per_pass(1000) == 128  # 256 prompts per pass on a CPU
+    assert fast.text_encoder.images_per_pass(1000, "cuda") == 512  # FAST.CLASS_CHUNK 1024
     assert one.text_encoder.images_per_pass(100) == 1
+    assert one.text_encoder.images_per_pass(100, "cuda") == 1
     assert plain.prompt_learner.ctx.shape == (4, 64)  # "a photo of a", as the protocol's YAML

@@ -130,7 +130,7 @@ class CoCoOp(CLIPTrainer):
         return CustomCLIP(self.cfg, self.dm.dataset.classnames, clip_model)
 
     def after_model_built(self) -> None:
-        self.model.text_encoder.log_setup()
+        self.model.text_encoder.log_setup(self.device)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)

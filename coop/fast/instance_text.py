@@ -7,8 +7,8 @@ Three computations of the same features, equal up to float rounding (``text_mode
 - ``loop`` (``FAST.ENABLED False``): the original's, CLIP's text tower once per image over
   that image's class prompts (:class:`coop.clip_adapter.TextEncoder`);
 - ``truncate`` (the default): the prompts of several images in one pass, at most
-  ``FAST.CLASS_CHUNK`` prompts per pass (0: the whole batch at once), only up to the last
-  end-of-text token (:class:`coop.fast.text.TruncatedTextEncoder`; the tower is causal, so
+  ``FAST.CLASS_CHUNK`` prompts per pass on a GPU (0: the whole batch at once) and at most
+  :data:`CPU_PROMPTS_PER_PASS` on a CPU, only up to the last end-of-text token (:class:`coop.fast.text.TruncatedTextEncoder`; the tower is causal, so
   later positions cannot change the features);
 - ``plain`` (``FAST.TEXT plain``): batched the same way, over all positions, through CLIP's
   own text tower.
@@ -28,6 +28,11 @@ from coop.clip_adapter import TextEncoder
 from coop.fast.text import TruncatedTextEncoder
 
 logger = logging.getLogger(__name__)
+
+# Prompts per pass on a CPU. A GPU needs large passes to be kept busy; a CPU gains nothing
+# from them and loses the activations' cache residency: its text side was slowest at 1024
+# prompts per pass and about equally fast from 40 to 500 (benchmarks/README.md, "CoCoOp").
+CPU_PROMPTS_PER_PASS = 256
 
 
 def instance_text_mode(cfg) -> str:
@@ -56,8 +61,8 @@ class InstanceTextEncoder(nn.Module):
         super().__init__()
         self._learner = (prompt_learner,)  # a tuple: not registered as a submodule
         self.text_mode = instance_text_mode(cfg)
-        # prompts per pass on the batched paths; more classes than that: one image per pass,
-        # its classes in checkpointed chunks where gradients are recorded (as CoOp's)
+        # prompts per pass on a GPU's batched paths; more classes than that: one image per
+        # pass, its classes in checkpointed chunks where gradients are recorded (as CoOp's)
         self.chunk = int(cfg.FAST.CLASS_CHUNK) if cfg.FAST.ENABLED else 0
         self.plain = TextEncoder(clip_model)
         self.truncated = TruncatedTextEncoder(clip_model, class_chunk=self.chunk)
@@ -71,20 +76,29 @@ class InstanceTextEncoder(nn.Module):
     def prompt_learner(self) -> nn.Module:
         return self._learner[0]
 
-    def images_per_pass(self, batch: int) -> int:
+    def prompts_per_pass(self, device_type: str) -> int:
+        """At most how many prompts go through the text tower together on a device of that
+        type (0: no bound)."""
+        if device_type == "cpu":
+            return min(self.chunk, CPU_PROMPTS_PER_PASS) if self.chunk else CPU_PROMPTS_PER_PASS
+        return self.chunk
+
+    def images_per_pass(self, batch: int, device_type: str = "cpu") -> int:
         """How many of a batch of ``batch`` images' prompts go through the text tower
-        together."""
+        together on a device of that type."""
         if self.text_mode == "loop":
             return 1
-        if not self.chunk:
+        budget = self.prompts_per_pass(device_type)
+        if not budget:
             return max(batch, 1)
-        return max(1, min(batch, self.chunk // self.prompt_learner.n_cls))
+        return max(1, min(batch, budget // self.prompt_learner.n_cls))
 
-    def log_setup(self) -> None:
+    def log_setup(self, device: torch.device) -> None:
         if self.text_mode != "loop":
+            budget = self.prompts_per_pass(device.type)
             logger.info(
                 f"Text encoder fast path: {self.text_mode}, the prompts of several images "
-                f"per pass (at most {self.chunk or 'all'} prompts)"
+                f"per pass (at most {budget or 'all'} prompts on {device.type})"
             )
 
     def forward(self, ctx: torch.Tensor) -> torch.Tensor:
@@ -98,7 +112,7 @@ class InstanceTextEncoder(nn.Module):
                 feats.append(f / f.norm(dim=-1, keepdim=True))
             return torch.stack(feats)
 
-        step = self.images_per_pass(ctx.shape[0])
+        step = self.images_per_pass(ctx.shape[0], ctx.device.type)
         parts = []
         for a in range(0, ctx.shape[0], step):
             prompts = pl.prompts_for(ctx[a : a + step])  # (G, n_cls, 77, D)
