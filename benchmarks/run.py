@@ -44,6 +44,7 @@ CASES = (
     "train_step_1000",
     "text_fraction",
     "eval_1000",
+    "cocoop",
     "eval_warm",
     "sweep",
     "eval_process",
@@ -110,6 +111,9 @@ FULL_RUN_CLIP = dict(
 # Epochs of the official CoOp schedules (1 shot: 50, 2/4 shots: 100, 8/16 shots: 200) and
 # the default number of cached training views; the sweep divides both by SWEEP_DIV, so that
 # each cached view is reused over as many epochs as in the official schedule (5 to 20).
+# CoCoOp's fast path against the original's per-image loop: it must gain at least this much
+COCOOP_TARGET = 2.0
+
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
 OFFICIAL_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
@@ -302,29 +306,53 @@ def build_clip(plan: Plan, shape: Shape, copy: str = ""):
 def build_coop(plan: Plan, clip_model, shape: Shape, classnames: Sequence[str], fast: bool):
     """``CustomCLIP`` through the real class, frozen like the CoOp trainer; returns
     (model, optimizer). Only the prompt learner is trainable; the encoders stay in eval."""
+    from coop.trainers.coop import CustomCLIP
+
+    opts = {"N_CTX": 16, "CSC": False, "CTX_INIT": "", "CLASS_TOKEN_POSITION": "end"}
+    return _build_method(plan, clip_model, shape, classnames, fast, CustomCLIP, "COOP", opts)
+
+
+def build_cocoop(
+    plan: Plan,
+    clip_model,
+    shape: Shape,
+    classnames: Sequence[str],
+    fast: bool,
+    extra: Sequence[str] = (),
+):
+    """CoCoOp's ``CustomCLIP`` as its protocol's YAML sets it (4 context tokens from "a photo
+    of a"), frozen like the trainer, with the config opts ``extra`` on the fast path;
+    returns (model, optimizer)."""
+    from coop.trainers.cocoop import CustomCLIP
+
+    opts = {"N_CTX": 4, "CTX_INIT": "a photo of a"}
+    return _build_method(
+        plan, clip_model, shape, classnames, fast, CustomCLIP, "COCOOP", opts, extra
+    )
+
+
+def _build_method(plan, clip_model, shape, classnames, fast, custom_clip, node, opts, extra=()):
     from coop.config import get_cfg_default
     from coop.optim import build_optimizer
-    from coop.trainers.coop import CustomCLIP
 
     cfg = get_cfg_default()
     cfg.INPUT.SIZE = (shape.resolution, shape.resolution)
     cfg.FAST.ENABLED = fast
-    cfg.TRAINER.COOP.PREC = plan.prec
-    cfg.TRAINER.COOP.N_CTX = 16
-    cfg.TRAINER.COOP.CSC = False
-    cfg.TRAINER.COOP.CTX_INIT = ""
-    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"
-    if fast and plan.fast_opts:
+    cfg.TRAINER[node].PREC = plan.prec
+    for key, value in opts.items():
+        cfg.TRAINER[node][key] = value
+    if fast and (plan.fast_opts or extra):
         from coop.config import merge_from_list
 
         merge_from_list(cfg, list(plan.fast_opts), where="--fast-opt")
+        merge_from_list(cfg, list(extra), where="the benchmark case")
     cfg.freeze()
     # the prompt learner embeds its tokens on the CPU (the trainer builds before .to(device))
     emb = clip_model.token_embedding
     emb.to("cpu")
     try:
         with torch.random.fork_rng(devices=[]):
-            model = CustomCLIP(cfg, list(classnames), clip_model)
+            model = custom_clip(cfg, list(classnames), clip_model)
     finally:
         emb.to(plan.device)
     for name, param in model.named_parameters():
@@ -813,6 +841,92 @@ def case_deep_prompts(plan: Plan) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # Memory: one training step, each path in a fresh subprocess
+
+
+def case_cocoop(plan: Plan, models: _Models) -> Dict[str, Any]:
+    """CoCoOp on ViT-B/16 (its paper's backbone) at 100 classes: a training step at its
+    protocol's batch of 1 and an evaluation batch of CoOp's test batch size. Plain: the
+    original's loop, one pass of the text tower over all 77 positions of every class
+    prompt per image; fast: several images' prompts per pass, truncated at the last
+    end-of-text token. Every image has its own prompts, so nothing is computed once per
+    evaluation."""
+    key = "ViT-B/16"
+    shape = plan.shapes[key]
+    n_cls = plan.n_small
+    names = benchmark_classnames(n_cls)
+    mp, op = build_cocoop(plan, build_clip(plan, shape), shape, names, False)
+    mf, of = build_cocoop(plan, build_clip(plan, shape, "fast"), shape, names, True)
+    # the fast path without the batching: truncated, one image per pass
+    one = ("FAST.CLASS_CHUNK", str(n_cls))
+    m1, _ = build_cocoop(plan, build_clip(plan, shape, "fast"), shape, names, True, one)
+    rows, info = [], {}
+
+    images, labels = batch_for(plan, shape, 1, n_cls)
+    t = bench(
+        plan,
+        {
+            "plain": train_step_fn(mp, op, images, labels),
+            "fast": train_step_fn(mf, of, images, labels),
+            "image": image_forward_fn(mf, images),
+        },
+        desc=f"cocoop train {shape.name}",
+    )
+    tp, tf, ti = t["plain"][0], t["fast"][0], t["image"][0]
+    setting = f"{shape.name} {n_cls} cls train b1"
+    info[setting] = {n: v[1] for n, v in t.items()}
+    rows.append(
+        row(
+            "cocoop",
+            setting,
+            tp,
+            tf,
+            tp / tf,
+            (">=", COCOOP_TARGET),
+            note=f"text mode {mf.text_encoder.text_mode}; the image forward alone "
+            f"{_fmt_amount(ti, 's')}",
+        )
+    )
+
+    images, _ = batch_for(plan, shape, shape.test_batch, n_cls)
+    per_pass = mf.text_encoder.images_per_pass(shape.test_batch, plan.device.type)
+    budget = mf.text_encoder.prompts_per_pass(plan.device.type)
+
+    def evaluate(model, context) -> Callable[[], None]:
+        def fn() -> None:
+            with context():
+                model(images).argmax(dim=1)
+
+        return fn
+
+    t = bench(
+        plan,
+        {
+            "plain": evaluate(mp, torch.no_grad),  # as the original's test loop
+            "fast": evaluate(mf, torch.inference_mode),  # as the fast evaluation
+            "one_per_pass": evaluate(m1, torch.inference_mode),
+            "image": image_forward_fn(mf, images),
+        },
+        reps=min(plan.reps, 3),
+        desc=f"cocoop eval {shape.name}",
+    )
+    tp, tf, ti = t["plain"][0], t["fast"][0], t["image"][0]
+    setting = f"{shape.name} {n_cls} cls eval b{shape.test_batch}"
+    info[setting] = {n: v[1] for n, v in t.items()}
+    rows.append(
+        row(
+            "cocoop",
+            setting,
+            tp,
+            tf,
+            tp / tf,
+            (">=", COCOOP_TARGET),
+            note=f"{per_pass} images per text pass (at most {budget or 'all'} prompts); "
+            f"truncated at one image per pass "
+            f"{_fmt_amount(t['one_per_pass'][0], 's')}; the image forward alone "
+            f"{_fmt_amount(ti, 's')}",
+        )
+    )
+    return {"rows": rows, "times": info}
 
 
 def _current_rss() -> int:
@@ -1642,6 +1756,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "train_step_1000": lambda: case_train_step(plan, models, large=True),
         "text_fraction": lambda: case_text_fraction(plan, models),
         "eval_1000": lambda: case_eval_1000(plan, models),
+        "cocoop": lambda: case_cocoop(plan, models),
         "eval_warm": lambda: case_eval_warm(plan, env),
         "sweep": lambda: case_sweep(plan, env),
         "eval_process": lambda: case_eval_process(plan, env),

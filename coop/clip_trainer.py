@@ -27,8 +27,10 @@ A method subclass provides:
 - optionally ``train_output(image, features)`` (default: the logits) and
   ``compute_loss(output, label)`` on it (default: cross-entropy), ``train_step`` (a step
   other than one backward pass of one loss), ``check_cfg(cfg)``,
-  ``check_checkpoint(state_dict, path)`` (before the model is built) and
-  ``prepare_loaded_state_dict(name, state_dict, path)``.
+  ``check_checkpoint(state_dict, path)`` (before the model is built),
+  ``derived_state_keys`` (what the original saved but the model rebuilds, dropped on load),
+  ``prepare_loaded_state_dict(name, state_dict, path)``, ``model_description()`` (for the
+  errors) and ``log_train_accuracy`` (whether the training log shows the batch accuracy).
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class CLIPTrainer:
     # "dg_test", "zeroshot"; fields {dataset} {trainer} {cfg} {shots} {seed} and the keys of
     # the method's config node (e.g. {N_CTX})
     protocol_dirs: Dict[str, str] = {}
+    # keys of a loaded state dict that the model rebuilds from the class names (the original
+    # code saved them; its load_model drops them)
+    derived_state_keys: Tuple[str, ...] = ()
+    # whether the training log reports the batch accuracy beside the loss
+    log_train_accuracy = True
     # the precision switches build_model sets (a method that builds its own model keeps these)
     use_amp = False
     use_bf16 = False
@@ -184,6 +191,33 @@ class CLIPTrainer:
         """Hook: stop with :class:`~coop.io.CheckpointError` when the weights ``state_dict``
         of ``path`` cannot fit this model (called before the model is built)."""
 
+    def prepare_loaded_state_dict(
+        self, name: str, state_dict: Dict[str, Any], path: str
+    ) -> Dict[str, Any]:
+        """The weights ``state_dict`` of ``path`` made ready for the registered model
+        ``name``: ``derived_state_keys`` dropped, one clear error for a weight whose shape
+        differs from the model's or one the model needs but the file lacks, each cast to the
+        model's dtype (e.g. an fp16 checkpoint evaluated in fp32)."""
+        from coop.io import CheckpointError
+
+        state_dict = {k: v for k, v in state_dict.items() if k not in self.derived_state_keys}
+        own = self._models[name].state_dict()  # type: ignore[attr-defined]
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                raise CheckpointError(
+                    f"The checkpoint {path} does not fit this model: '{key}' has shape "
+                    f"{tuple(value.shape)} there but {tuple(own[key].shape)} here "
+                    f"({self.model_description()})"
+                )
+        missing = [k for k in own if k not in state_dict]
+        if missing:
+            raise CheckpointError(f"The checkpoint {path} lacks the weights {missing}")
+        return {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
+
+    def model_description(self) -> str:
+        """What a checkpoint must fit, for the errors (a method adds its own settings)."""
+        return f"{self.num_classes} classes, backbone {self.cfg.MODEL.BACKBONE.NAME}"
+
     def build_model(self) -> None:
         """Load CLIP in the method's precision, build the method's model, train only its
         ``learnable`` part (the official CoOp trainer's ``build_model``)."""
@@ -206,9 +240,8 @@ class CLIPTrainer:
         for name, param in self.model.named_parameters():
             if not self.is_learnable(name):
                 param.requires_grad_(False)
-        if self.model_name:
-            trained = sorted(n for n, p in self.model.named_parameters() if p.requires_grad)
-            logger.info(f"Parameters to be updated: {trained}")
+        enabled = sorted(n for n, p in self.model.named_parameters() if p.requires_grad)
+        logger.info(f"Parameters to be updated: {enabled}")
         if cfg.MODEL.INIT_WEIGHTS:
             self.load_pretrained_weights(cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
@@ -350,7 +383,9 @@ class CLIPTrainer:
             self.model_backward_and_update(loss)
 
         logits = output[0] if isinstance(output, tuple) else output
-        loss_summary = {"loss": loss.item(), "acc": compute_accuracy(logits, label)}
+        loss_summary = {"loss": loss.item()}
+        if self.log_train_accuracy:
+            loss_summary["acc"] = compute_accuracy(logits, label)
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return loss_summary

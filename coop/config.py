@@ -215,13 +215,7 @@ def _coop_dassl_additions(cfg: CN) -> None:
 
 def extend_cfg(cfg: CN) -> None:
     """The keys CoOp's ``train.py`` adds before any merge (each trainer's node comes from
-    its ``add_config``; CoCoOp's, which its shipped YAML files set, is added here until that
-    trainer exists)."""
-    cfg.TRAINER.COCOOP = CN()
-    cfg.TRAINER.COCOOP.N_CTX = 16
-    cfg.TRAINER.COCOOP.CTX_INIT = ""
-    cfg.TRAINER.COCOOP.PREC = "fp16"
-
+    its ``add_config``)."""
     cfg.DATASET.SUBSAMPLE_CLASSES = "all"
 
     # Trainers registered with an ``add_config`` hook add their own nodes.

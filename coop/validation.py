@@ -12,7 +12,6 @@ _CHOICES = {
     "OPTIM.WARMUP_TYPE": ("linear", "constant"),
     "INPUT.INTERPOLATION": ("bilinear", "bicubic", "nearest"),
     "DATASET.SUBSAMPLE_CLASSES": ("all", "base", "new"),
-    "TRAINER.COCOOP.PREC": ("fp16", "fp32", "amp"),
     "DATALOADER.TRAIN_X.SAMPLER": ("RandomSampler", "SequentialSampler"),
     "DATALOADER.TEST.SAMPLER": ("RandomSampler", "SequentialSampler"),
 }

@@ -67,7 +67,7 @@ BAD_INPUTS = [
      "Bad value for 'DATASET.NUM_SHOTS' in the command-line opts: Type mismatch (<class 'int'> "
      "vs. <class 'str'>) with values (4 vs. abc) for config key: DATASET.NUM_SHOTS"),
     ("unknown-trainer", "--trainer CoOP",
-     "\"CoOP\" is not a registered trainer; did you mean 'CoOp'? Registered: CoOp, ..."),
+     "\"CoOP\" is not a registered trainer; did you mean 'CoOp'? Registered: ...CoOp, ..."),
     ("unknown-dataset", "DATASET.NAME Caltech102",
      "\"Caltech102\" is not a registered dataset; did you mean 'Caltech101'? Registered: ..."),
     ("input-size-file", "INPUT.SIZE (64, 64) with a 32-pixel CLIP checkpoint file",

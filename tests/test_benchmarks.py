@@ -292,3 +292,45 @@ def test_deep_prompts_times_maples_plain_and_fast_paths_side_by_side():
     assert type(fast.text_encoder).__name__ == "TruncatedDeepTextEncoder"
     trained = {n for n, p in fast.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("prompt_learner.") for n in trained)
+
+
+def test_cocoop_case_times_fast_against_plain_side_by_side(tmp_path):
+    plan = bench.make_plan(True, "cpu")
+    plan.tmp = str(tmp_path)
+    # a tiny ViT CLIP (32 px, embed 32, text 64 wide, 1 layer each), 5 classes, test batch 3
+    tiny = bench.Shape("ViT-tiny", (32, 32, 1, 64, 16, 77, 49408, 64, 1, 1), 2, 3)
+    plan.shapes = {"ViT-B/16": tiny}
+    plan.n_small, plan.reps, plan.warmup = 5, 1, 0
+    res = bench.case_cocoop(plan, bench._Models(plan))
+    train, evaluation = res["rows"]
+    assert train["setting"] == "ViT-tiny 5 cls train b1"
+    assert evaluation["setting"] == "ViT-tiny 5 cls eval b3"
+    for r in (train, evaluation):
+        assert r["case"] == "cocoop" and r["target"] == [">=", bench.COCOOP_TARGET]
+        assert r["value"] == pytest.approx(r["plain"] / r["fast"])
+        assert r["result"] in ("PASS", "FAIL")
+    assert "text mode truncate" in train["note"]
+    # at most 256 prompts per pass on a CPU: the whole test batch of 3 x 5 prompts at once
+    assert evaluation["note"].startswith("3 images per text pass (at most 256 prompts)")
+    times = res["times"]["ViT-tiny 5 cls eval b3"]
+    assert set(times) == {"plain", "fast", "one_per_pass", "image"}
+    assert all(len(v) == 1 and v[0] > 0 for v in times.values())
+
+
+def test_the_cocoop_models_take_the_plain_and_the_fast_path(tmp_path):
+    from coop.clip_adapter import load_clip
+    from coop.testing.tiny_clip import save_tiny_clip
+
+    clip = load_clip(save_tiny_clip(str(tmp_path / "c.pt"), arch="vit")).float()
+    plan = bench.make_plan(True, "cpu")
+    shape = bench.Shape("tiny", (0, 32), 2, 2)  # only the resolution is read
+    plain, _ = bench.build_cocoop(plan, clip, shape, ["a", "b c"], fast=False)
+    fast, _ = bench.build_cocoop(plan, clip, shape, ["a", "b c"], fast=True)
+    one, _ = bench.build_cocoop(plan, clip, shape, ["a", "b c"], True, ("FAST.CLASS_CHUNK", "2"))
+    assert plain.text_encoder.text_mode == "loop" and fast.text_encoder.text_mode == "truncate"
+    assert fast.text_encoder.images_per_pass(100) == 100  # 200 prompts: all in one pass
+    assert fast.text_encoder.images_per_pass(1000) == 128  # 256 prompts per pass on a CPU
+    assert fast.text_encoder.images_per_pass(1000, "cuda") == 512  # FAST.CLASS_CHUNK 1024
+    assert one.text_encoder.images_per_pass(100) == 1
+    assert one.text_encoder.images_per_pass(100, "cuda") == 1
+    assert plain.prompt_learner.ctx.shape == (4, 64)  # "a photo of a", as the protocol's YAML

@@ -29,9 +29,14 @@ POSITIONS = ("end", "middle", "front")
 class PromptLearner(nn.Module):
     """The learnable context and the fixed token embeddings of the class-name prompts."""
 
-    def __init__(self, cfg, classnames: List[str], clip_model: nn.Module) -> None:
+    def __init__(
+        self, cfg, classnames: List[str], clip_model: nn.Module, opts: Optional[CN] = None
+    ) -> None:
+        """``opts``: the method's config node (default ``TRAINER.COOP``); a node without
+        ``CSC`` / ``CLASS_TOKEN_POSITION`` gets a generic context with the class at the end."""
         super().__init__()
-        opts = cfg.TRAINER.COOP
+        opts = cfg.TRAINER.COOP if opts is None else opts
+        self.opts = opts
         n_cls = len(classnames)
         dtype = clip_model.dtype
         clip_imsize = clip_model.visual.input_resolution
@@ -67,15 +72,16 @@ class PromptLearner(nn.Module):
         self.n_ctx = n_ctx
         self.tokenized_prompts = tokenized_prompts
         self.name_lens = name_lens
-        self.class_token_position = opts.CLASS_TOKEN_POSITION
+        self.class_token_position = opts.get("CLASS_TOKEN_POSITION", "end")
 
     def init_context(self, cfg, n_cls: int, clip_model: nn.Module) -> Tuple[torch.Tensor, str]:
         """The initial context, (n_ctx, D) or (n_cls, n_ctx, D), and the text that holds its
         place in the tokenized prompts."""
-        opts = cfg.TRAINER.COOP
+        opts = self.opts
+        csc = bool(opts.get("CSC", False))
         if opts.CTX_INIT:
             ctx_vectors, prompt_prefix = self.context_from_words(opts.CTX_INIT, clip_model)
-            if opts.CSC:
+            if csc:
                 # class-specific contexts, each starting from the same words (the original
                 # silently fell back to one generic context here)
                 logger.info("Initializing class-specific contexts from the given words")
@@ -83,7 +89,7 @@ class PromptLearner(nn.Module):
             return ctx_vectors, prompt_prefix
         dtype = clip_model.dtype
         ctx_dim = clip_model.ln_final.weight.shape[0]
-        if opts.CSC:
+        if csc:
             logger.info("Initializing class-specific contexts")
             ctx_vectors = torch.empty(n_cls, opts.N_CTX, ctx_dim, dtype=dtype)
         else:
@@ -215,6 +221,8 @@ class CoOp(CLIPTrainer):
     """Context Optimization (CoOp): cross-entropy on CLIP's logits, the prompt learner
     trained alone."""
 
+    derived_state_keys = ("token_prefix", "token_suffix")  # the original's checkpoints hold them
+
     # the paper's schedule (COOP.md): 1 shot 50 epochs, 2 and 4 shots 100, 8 and 16 shots
     # 200, ImageNet 50; base-to-new and cross-dataset as CoCoOp's scripts run CoOp; domain
     # generalisation as eval.sh (the 16-shot ImageNet runs of main.sh)
@@ -283,35 +291,16 @@ class CoOp(CLIPTrainer):
     def check_checkpoint(self, state_dict, path: str) -> None:
         """The learned context must fit the class count, the number of context tokens, CSC
         and (for a named backbone) the text width."""
-        ctx = state_dict.get("ctx")
-        if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
-            return
         n_ctx, csc = self.context_layout(self.cfg)
-        backbone = self.cfg.MODEL.BACKBONE.NAME
-        dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
-        expected = (self.num_classes, n_ctx, dim) if csc else (n_ctx, dim)
-        got = tuple(ctx.shape)
-        if got == expected or (csc and got == expected[1:]):  # a generic context fits CSC
-            return
-        raise CheckpointError(
-            f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
-            f"but {expected} here ({self.num_classes} classes, N_CTX {n_ctx}, CSC {csc}, "
-            f"backbone {backbone})"
-        )
+        check_context_fits(self, state_dict, path, n_ctx, csc)
 
     @classmethod
     def context_layout(cls, cfg) -> Tuple[int, bool]:
         """(number of context vectors, class-specific) of the context the config builds."""
-        opts = cfg.TRAINER.COOP
-        ctx_init = str(opts.CTX_INIT).replace("_", " ")
-        n_ctx = len(ctx_init.split(" ")) if ctx_init else int(opts.N_CTX)
-        return n_ctx, bool(opts.CSC)
+        return context_tokens(cfg.TRAINER.COOP), bool(cfg.TRAINER.COOP.CSC)
 
     def prepare_loaded_state_dict(self, name, state_dict, path):
         state_dict = dict(state_dict)
-        # old-format checkpoints (the original's) store the class-name token buffers
-        state_dict.pop("token_prefix", None)
-        state_dict.pop("token_suffix", None)
         own = self._models[name].state_dict()
         ctx = state_dict.get("ctx")
         if ctx is not None and ctx.dim() == 2 and own["ctx"].dim() == 3:
@@ -320,16 +309,41 @@ class CoOp(CLIPTrainer):
                 # classes gives the same logits as that generic model
                 logger.info(f"Using the generic context of {path} for every class")
                 state_dict["ctx"] = ctx.unsqueeze(0).expand_as(own["ctx"]).clone()
-        for key, value in state_dict.items():
-            if key in own and own[key].shape != value.shape:
-                raise CheckpointError(
-                    f"The checkpoint {path} does not fit this model: '{key}' has shape "
-                    f"{tuple(value.shape)} there but {tuple(own[key].shape)} here "
-                    f"({self.num_classes} classes, N_CTX {self.model.prompt_learner.n_ctx}, "
-                    f"CSC {self.cfg.TRAINER.COOP.CSC}, backbone {self.cfg.MODEL.BACKBONE.NAME})"
-                )
-        missing = [k for k in own if k not in state_dict]
-        if missing:
-            raise CheckpointError(f"The checkpoint {path} lacks the weights {missing}")
-        # keep the model's dtype (e.g. an fp16 checkpoint evaluated in fp32)
-        return {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
+        return super().prepare_loaded_state_dict(name, state_dict, path)
+
+    def model_description(self) -> str:
+        return (
+            f"{self.num_classes} classes, N_CTX {self.model.prompt_learner.n_ctx}, "
+            f"CSC {self.cfg.TRAINER.COOP.CSC}, backbone {self.cfg.MODEL.BACKBONE.NAME}"
+        )
+
+
+def context_tokens(opts: CN) -> int:
+    """The number of context tokens a config node asks for: the words of ``CTX_INIT``,
+    else ``N_CTX``."""
+    ctx_init = str(opts.CTX_INIT).replace("_", " ")
+    return len(ctx_init.split(" ")) if ctx_init else int(opts.N_CTX)
+
+
+def check_context_fits(
+    trainer: CLIPTrainer, state_dict, path: str, n_ctx: int, csc: Optional[bool] = None
+) -> None:
+    """Stop with a :class:`CheckpointError` when the checkpoint's ``ctx`` cannot fit a
+    context of ``n_ctx`` tokens (class-specific if ``csc``; None: the method has no such
+    option) for the trainer's classes and (for a named backbone) text width; called before
+    CLIP is loaded."""
+    ctx = state_dict.get("ctx")
+    if not isinstance(ctx, torch.Tensor) or ctx.dim() not in (2, 3):
+        return
+    backbone = trainer.cfg.MODEL.BACKBONE.NAME
+    dim = BACKBONE_CTX_DIM.get(backbone, int(ctx.shape[-1]))
+    expected = (trainer.num_classes, n_ctx, dim) if csc else (n_ctx, dim)
+    got = tuple(ctx.shape)
+    if got == expected or (csc and got == expected[1:]):  # a generic context fits CSC
+        return
+    settings = f"N_CTX {n_ctx}" if csc is None else f"N_CTX {n_ctx}, CSC {csc}"
+    raise CheckpointError(
+        f"The checkpoint {path} does not fit this model: 'ctx' has shape {got} there "
+        f"but {expected} here ({trainer.num_classes} classes, {settings}, "
+        f"backbone {backbone})"
+    )

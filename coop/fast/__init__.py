@@ -13,6 +13,8 @@ Methods use it through the functions below:
 - :func:`deep_text_encoder` and :class:`OncePerEvaluation`: the text side of methods with
   deep prompts, truncated, and computed once per evaluation; :func:`encode_text` of token
   ids truncated (:mod:`coop.fast.deep`).
+- :func:`instance_text_encoder`: the class text features of a context per image, several
+  images per text-encoder pass (:mod:`coop.fast.instance_text`).
 
 The disk caches of frozen image features (:mod:`coop.fast.feature_cache`) are used by the
 trainer base, :class:`coop.clip_trainer.CLIPTrainer`.
@@ -32,6 +34,7 @@ from coop.fast.cuda_graphs import cuda_graphs_for
 from coop.fast.deep import OncePerEvaluation, deep_text_encoder, encode_text
 from coop.fast.feature_cache import default_cache_dir
 from coop.fast.image import ImageEncoder
+from coop.fast.instance_text import InstanceTextEncoder
 from coop.fast.text import PromptTextEncoder
 
 logger = logging.getLogger(__name__)
@@ -39,11 +42,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ImageEncoder",
     "OncePerEvaluation",
+    "InstanceTextEncoder",
     "PromptTextEncoder",
     "cuda_graphs_for",
     "deep_text_encoder",
     "encode_text",
     "image_encoder",
+    "instance_text_encoder",
     "load_clip_for",
     "prompt_text_encoder",
 ]
@@ -85,3 +90,15 @@ def prompt_text_encoder(
     ``TRAINER.<NAME>.PREC``) fp16 or fp32; computed once inside ``.frozen()``. The prompt
     learner's contract is in :class:`~coop.fast.text.PromptTextEncoder`."""
     return PromptTextEncoder(cfg, clip_model, prompt_learner, prec)
+
+
+def instance_text_encoder(
+    cfg, clip_model: nn.Module, prompt_learner: nn.Module
+) -> InstanceTextEncoder:
+    """CLIP's frozen text tower for a prompt learner with one context per image: calling it
+    on the contexts (B, n_ctx, D) gives each image's L2-normalised class text features,
+    (B, n_cls, embed_dim); with ``FAST.ENABLED`` several images' prompts per pass (at most
+    ``FAST.CLASS_CHUNK``), truncated at the end-of-text token unless ``FAST.TEXT plain``,
+    else the original's loop over the images. The prompt learner's contract is in
+    :class:`~coop.fast.instance_text.InstanceTextEncoder`."""
+    return InstanceTextEncoder(cfg, clip_model, prompt_learner)
