@@ -142,7 +142,9 @@ def _shipped_rel():
 
 
 def test_shipped_yaml_set_is_complete():
-    rel = set(_shipped_rel())
+    # CoOp's and CoCoOp's files; each sibling method's test checks its own folder
+    folders = {k.split("/")[0] for k in TRAINER_TABLE}
+    rel = {r for r in _shipped_rel() if r.startswith("datasets/") or r.split("/")[1] in folders}
     expected = {f"datasets/{k}.yaml" for k in DATASET_NAMES} | {
         f"trainers/{k}" for k in TRAINER_TABLE
     }
