@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coop.config import ConfigError
-from coop.fast.trainer_caches import CachedViewsLoader, evaluate_cached
+from coop.fast.trainer_caches import FEATURE_KIND, CachedViewsLoader, evaluate_cached
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ class CLIPTrainer:
         return object.__new__(cls)
 
     image_encoder_frozen = True  # only then are cached image features used
+    # what ``image_features`` computes (part of the feature caches' keys): a method whose
+    # features differ (e.g. not normalised) names its own kind
+    feature_kind = FEATURE_KIND
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
     # the folder of this method's shipped YAML files, ``configs/trainers/<config_dir>/``
     # (None: the class name)
