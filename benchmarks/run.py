@@ -35,6 +35,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +47,7 @@ CASES = (
     "eval_1000",
     "cocoop",
     "eval_warm",
+    "linear_probe",
     "sweep",
     "eval_process",
     "memory_1000",
@@ -1363,6 +1365,107 @@ def case_eval_warm(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
     }
 
 
+def lpclip_path(argv: List[str]) -> Dict[str, float]:
+    """One linear-probe run the original protocol's way (lpclip): build the few-shot data,
+    load CLIP, extract the train, val and test features with the model (test transform),
+    then run the C search and score the test split. Returns its wall time and accuracy."""
+    from coop.clip_adapter import load_clip
+    from coop.data import DataManager, build_data_loader
+    from coop.train import build_parser, setup_cfg
+    from coop.trainers.linear_probe import accuracy, search_c
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    cfg = setup_cfg(build_parser().parse_args(argv))
+    with contextlib.redirect_stdout(io.StringIO()):
+        dm = DataManager(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.USE_CUDA else "cpu")
+    model = load_clip(cfg.MODEL.BACKBONE.NAME)
+    if cfg.TRAINER.LINEARPROBECLIP.PREC != "fp16":
+        model.float()
+    visual = model.visual.to(device).eval()
+    tfm = dm.test_loader.dataset.transform
+    xy = []
+    with torch.no_grad():
+        for source in (dm.dataset.train_x, dm.dataset.val, dm.dataset.test):
+            loader = build_data_loader(
+                cfg, data_source=source, batch_size=200, tfm=tfm, is_train=False
+            )
+            feats = [visual(b["img"].to(device).type(visual.conv1.weight.dtype)) for b in loader]
+            xy.append(
+                (torch.cat(feats).double().cpu().numpy(), np.array([d.label for d in source]))
+            )
+    clf, _ = search_c(xy[0], xy[1], cfg.TRAINER.LINEARPROBECLIP.NUM_STEP)
+    acc = 100 * accuracy(clf, *xy[2])
+    return {"total": time.perf_counter() - t0, "cpu": time.process_time() - c0, "accuracy": acc}
+
+
+def case_linear_probe(plan: Plan, env: _RunEnv) -> Dict[str, Any]:
+    """A linear-probe run once its image features are cached (a whole coop.train.main run
+    of LinearProbeCLIP, the cache filled by a first run of another seed) against the
+    original protocol's path (lpclip_path: extract the features, then fit), 16 shots."""
+    data = env.data(plan.sweep_classes, plan.sweep_per_class)
+    cache = os.path.join(plan.tmp, "feature_cache_linear_probe")
+    setting = f"{plan.sweep_classes} cls, 16 shots, per run"
+    n = [0]
+
+    def argv(fast: bool, seed: int) -> List[str]:
+        n[0] += 1
+        out = os.path.join(plan.tmp, f"linear_probe_{n[0]}")
+        shutil.rmtree(os.path.join(plan.tmp, f"linear_probe_{n[0] - 1}"), ignore_errors=True)
+        opts = ["TRAINER.LINEARPROBECLIP.PREC", plan.prec]
+        opts += ["FAST.CACHE_DIR", cache, *plan.fast_opts] if fast else ["FAST.ENABLED", "False"]
+        a = env.argv(data, out, *opts, seed=seed, shots=16)
+        a[a.index("--trainer") + 1] = "LinearProbeCLIP"
+        cfg = a.index("--config-file") + 1
+        a[cfg] = a[cfg].replace("trainers/CoOp/", "trainers/LinearProbeCLIP/")
+        return a
+
+    def cached_run(seed: int) -> Dict[str, float]:
+        c0 = time.process_time()
+        a = argv(True, seed)
+        t = run_main(a)
+        t["cpu"] = time.process_time() - c0
+        with open(os.path.join(a[a.index("--output-dir") + 1], "results.json")) as f:
+            t["accuracy"] = json.load(f)["metrics"]["accuracy"]
+        return t
+
+    cold = cached_run(1)  # fills the cache (and warms imports and kernels)
+    lpclip_path(argv(False, 1))
+    orig_t: List[Dict[str, float]] = []
+    warm_t: List[Dict[str, float]] = []
+    reps = min(plan.reps, 3 if plan.quick else 5)
+    for r in range(reps):
+        seed = 2 + r % 2  # other seeds: other few-shot subsets of the cached images
+        order = [(False, orig_t), (True, warm_t)]
+        for fast, acc in order if r % 2 == 0 else order[::-1]:
+            acc.append(cached_run(seed) if fast else lpclip_path(argv(False, seed)))
+    to = statistics.median(t["total"] for t in orig_t)
+    tw = statistics.median(t["total"] for t in warm_t)
+    fit = statistics.median(t["epochs"] for t in warm_t)
+    cpu_o = statistics.median(t["cpu"] for t in orig_t)
+    cpu_w = statistics.median(t["cpu"] for t in warm_t)
+    shutil.rmtree(os.path.join(plan.tmp, f"linear_probe_{n[0]}"), ignore_errors=True)
+    return {
+        "rows": [
+            row(
+                "linear_probe",
+                setting,
+                to,
+                tw,
+                to / tw,
+                None,
+                note=f"lpclip's path (build the data, load CLIP, extract train/val/test "
+                f"features, C search) vs a whole coop-train LinearProbeCLIP run with its "
+                f"features cached (its fit {_fmt_amount(fit, 's')}, the C search's 23 "
+                f"scikit-learn fits, the floor of both); CPU time {_fmt_amount(cpu_o, 's')} "
+                f"vs {_fmt_amount(cpu_w, 's')} ({cpu_o / cpu_w:.2f}x); the first run, which "
+                f"fills the cache, took {_fmt_amount(cold['total'], 's')}",
+            )
+        ],
+        "times": {"original": orig_t, "cached": warm_t, "cold": cold},
+    }
+
+
 def official_estimate(runs: List[Dict[str, float]], epochs: Dict[int, int], views: int) -> float:
     """Seconds the sweep's ``runs`` (``run_main`` times plus ``shots``) would take at the
     official schedule: their epoch loops scaled from ``epochs`` to the official epoch counts,
@@ -1758,6 +1861,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "eval_1000": lambda: case_eval_1000(plan, models),
         "cocoop": lambda: case_cocoop(plan, models),
         "eval_warm": lambda: case_eval_warm(plan, env),
+        "linear_probe": lambda: case_linear_probe(plan, env),
         "sweep": lambda: case_sweep(plan, env),
         "eval_process": lambda: case_eval_process(plan, env),
         "memory_1000": lambda: case_memory(plan),

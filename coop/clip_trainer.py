@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coop.config import ConfigError
-from coop.fast.trainer_caches import CachedViewsLoader, evaluate_cached
+from coop.fast.trainer_caches import FEATURE_KIND, CachedViewsLoader, evaluate_cached
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class CLIPTrainer:
 
     trains = True  # False: nothing is learned (no checkpoint; --eval-only needs no model)
     image_encoder_frozen = True  # only then are cached image features used
+    # what ``image_features`` computes (part of the feature caches' keys): a method whose
+    # features differ (e.g. not normalised) names its own kind
+    feature_kind = FEATURE_KIND
     learnable = "prompt_learner"  # the attribute of the model that is trained and saved
     # set: the whole model is registered (saved, optimised, put in train/eval mode) under
     # this name, as methods whose learnable prompts sit inside CLIP's towers do; the

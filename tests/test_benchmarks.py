@@ -122,6 +122,24 @@ def test_eval_process_times_whole_processes_side_by_side(tmp_path, capsys):
     assert "whole coop-train --eval-only processes, each cold" in out
 
 
+def test_linear_probe_times_the_original_path_against_a_cached_run(tmp_path):
+    plan = bench.make_plan(True, "cpu")
+    plan.tmp = str(tmp_path)
+    plan.run_clip = dict(arch="vit", embed_dim=32, image_resolution=32)
+    plan.sweep_classes, plan.sweep_per_class, plan.reps = 3, 34, 2
+    res = bench.case_linear_probe(plan, bench._RunEnv(plan))
+    (r,) = res["rows"]
+    assert r["case"] == "linear_probe" and r["setting"] == "3 cls, 16 shots, per run"
+    assert r["value"] == pytest.approx(r["plain"] / r["fast"]) and r["result"] == "-"
+    times = res["times"]
+    assert len(times["original"]) == len(times["cached"]) == 2
+    # the same seeds in the same order: both paths reach the same test accuracy
+    for orig, cached in zip(times["original"], times["cached"]):
+        assert orig["accuracy"] == pytest.approx(cached["accuracy"])
+        assert cached["cpu"] > 0 and cached["epochs"] < cached["total"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("linear_probe_")]
+
+
 def test_sweep_runs_every_shot_count_for_the_chosen_seeds(tmp_path, monkeypatch):
     calls = []
 

@@ -137,6 +137,8 @@ def test_console_scripts(wheel):
     assert "coop-sweep=coop.sweep:main" in lines
     assert "coop-parse=coop.parse_results:main" in lines
     assert "coop-report=coop.report:main" in lines
+    assert "coop-prompts=coop.prompt_study:main" in lines
+    assert "coop-interpret=coop.interpret:main" in lines
 
 
 def test_import_coop_does_no_heavy_work(tmp_path):

@@ -17,9 +17,19 @@ from coop.trainers.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 logger = logging.getLogger(__name__)
 
 
-def _template_for(dataset_name: str) -> str:
+def dataset_template(dataset_name: str) -> str:
+    """The dataset's own hand-written template (``{}`` = class name)."""
     # datasets added later without an entry fall back to the generic template
     return CUSTOM_TEMPLATES.get(dataset_name, "a photo of a {}.")
+
+
+def ensemble_templates(dataset_name: str) -> List[str]:
+    """ZeroshotCLIP2's ensemble: the seven selected ImageNet templates, plus the dataset's
+    own template for datasets other than ImageNet."""
+    templates = list(IMAGENET_TEMPLATES_SELECT)
+    if dataset_name != "ImageNet":
+        templates.append(dataset_template(dataset_name))
+    return templates
 
 
 @TRAINER_REGISTRY.register()
@@ -30,7 +40,7 @@ class ZeroshotCLIP(CLIPTrainer):
     config_dir = "CoOp"  # run with CoOp's YAML files (backbone, test transform)
 
     def templates(self) -> List[str]:
-        return [_template_for(self.cfg.DATASET.NAME)]
+        return [dataset_template(self.cfg.DATASET.NAME)]
 
     def build_model(self) -> None:
         cfg = self.cfg
@@ -40,25 +50,30 @@ class ZeroshotCLIP(CLIPTrainer):
         for param in clip_model.parameters():
             param.requires_grad_(False)
 
+        self.clip_model = clip_model
         templates = self.templates()
         if len(templates) == 1:
             prompts = [templates[0].format(c.replace("_", " ")) for c in classnames]
             logger.info(f"Prompts: {prompts}")
+        text_features = self.encode_templates(templates)
+        self.text_features = text_features  # (n_cls, embed_dim)
+        self.image_encoder = image_encoder(cfg, clip_model.visual)
+
+    def encode_templates(self, templates: List[str]) -> torch.Tensor:
+        """L2-normalised class text features (n_cls, embed_dim) of ``templates`` (``{}`` =
+        class name): one template's, or the re-normalised mean of several (an ensemble)."""
+        classnames = self.dm.dataset.classnames
         feats = []
         with torch.no_grad():
             for template in templates:
                 prompts = [template.format(c.replace("_", " ")) for c in classnames]
                 tokens = tokenize(prompts).to(self.device)
-                text_features = clip_model.encode_text(tokens)
+                text_features = self.clip_model.encode_text(tokens)
                 feats.append(text_features / text_features.norm(dim=-1, keepdim=True))
         if len(feats) == 1:
-            text_features = feats[0]
-        else:
-            text_features = torch.stack(feats).mean(dim=0)
-            text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-        self.text_features = text_features  # (n_cls, embed_dim)
-        self.clip_model = clip_model
-        self.image_encoder = image_encoder(cfg, clip_model.visual)
+            return feats[0]
+        text_features = torch.stack(feats).mean(dim=0)
+        return text_features / text_features.norm(dim=-1, keepdim=True)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
@@ -91,7 +106,4 @@ class ZeroshotCLIP2(ZeroshotCLIP):
     template for datasets other than ImageNet; features averaged and re-normalised."""
 
     def templates(self) -> List[str]:
-        templates = list(IMAGENET_TEMPLATES_SELECT)
-        if self.cfg.DATASET.NAME != "ImageNet":
-            templates.append(_template_for(self.cfg.DATASET.NAME))
-        return templates
+        return ensemble_templates(self.cfg.DATASET.NAME)

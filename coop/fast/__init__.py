@@ -65,9 +65,11 @@ def load_clip_for(cfg) -> nn.Module:
     return load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.CACHE_DIR, build=build)
 
 
-def image_encoder(cfg, visual: nn.Module, prec: Optional[str] = None) -> ImageEncoder:
+def image_encoder(
+    cfg, visual: nn.Module, prec: Optional[str] = None, normalize: bool = True
+) -> ImageEncoder:
     """The frozen CLIP image encoder ``visual`` as ``FAST`` says: ``(B, 3, H, W) -> (B,
-    embed_dim)`` L2-normalised features, with the batch norms folded (``FAST.FOLD_BN``), in
+    embed_dim)`` L2-normalised features (``normalize=False``: raw), with the batch norms folded (``FAST.FOLD_BN``), in
     channels-last (``FAST.CHANNELS_LAST``) and replayed from CUDA graphs (``FAST.CUDA_GRAPHS``
     with ``prec`` fp16 or fp32; ``prec`` None: never). ``visual`` is rewritten in place;
     ``.bn_folded`` and ``.channels_last`` say what was done (the feature caches' keys)."""
@@ -77,6 +79,7 @@ def image_encoder(cfg, visual: nn.Module, prec: Optional[str] = None) -> ImageEn
         fold_bn=fast.ENABLED and fast.FOLD_BN,
         channels_last=fast.ENABLED and fast.CHANNELS_LAST,
         cuda_graphs=cuda_graphs_for(cfg, prec),
+        normalize=normalize,
     )
 
 

@@ -252,8 +252,10 @@ class TrainViewCache:
     they are, so every run reads the same features for a given view.
     """
 
-    def __init__(self, root: str, key: str, parts: Dict[str, Any]) -> None:
-        self.folder = os.path.join(root, "train_views", key)
+    def __init__(
+        self, root: str, key: str, parts: Dict[str, Any], subdir: str = "train_views"
+    ) -> None:
+        self.folder = os.path.join(root, subdir, key)
         self.parts = parts
         self.meta_path = os.path.join(self.folder, "meta.json")
 

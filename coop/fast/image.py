@@ -80,7 +80,8 @@ def channels_last_input(images: torch.Tensor) -> torch.Tensor:
 
 class ImageEncoder(nn.Module):
     """A frozen CLIP image encoder: ``forward(images (B, 3, H, W)) -> (B, embed_dim)``
-    L2-normalised features, computed in the encoder's dtype.
+    L2-normalised features (``normalize=False``: the encoder's raw output), computed in the
+    encoder's dtype.
 
     ``fold_bn`` and ``channels_last`` rewrite a ResNet encoder in place (a vision transformer
     is left as it is); ``bn_folded`` and ``channels_last`` say what was done (they change float
@@ -94,9 +95,11 @@ class ImageEncoder(nn.Module):
         fold_bn: bool = False,
         channels_last: bool = False,
         cuda_graphs: bool = False,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
         self.visual = visual
+        self.normalize = normalize
         self.dtype = image_dtype(visual)
         self.bn_folded = bool(fold_bn and fold_batch_norms(visual))  # before channels-last
         self.channels_last = bool(channels_last and use_channels_last(visual))
@@ -115,4 +118,6 @@ class ImageEncoder(nn.Module):
 
     def _features(self, image: torch.Tensor) -> torch.Tensor:
         image_features = self.visual(image)  # (B, embed_dim)
+        if not self.normalize:
+            return image_features
         return image_features / image_features.norm(dim=-1, keepdim=True)

@@ -1,11 +1,12 @@
 """The feature caches as a trainer uses them (see :mod:`coop.fast.feature_cache` for the
-stores): the evaluation pass through cached image features, and the opt-in training
-feature cache's views and loader.
+stores): the evaluation pass through cached image features, the frozen features of any
+list of images under the test transform (per image, so every subset of a split shares
+them), and the opt-in training feature cache's views and loader.
 
 A trainer here is a :class:`~coop.clip_trainer.CLIPTrainer`: these read its ``cfg``,
 ``device``, ``dm``, ``tfm_train``, ``evaluator``, ``autocast()``, ``parse_batch_test``, ``image_features``,
-``logits_from_features`` and the cache-key facts ``clip_dtype()``, ``image_channels_last()``
-and ``image_bn_folded()``.
+``logits_from_features`` and the cache-key facts ``feature_kind``, ``clip_dtype()``,
+``image_channels_last()`` and ``image_bn_folded()``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from coop.fast.feature_cache import (
 
 logger = logging.getLogger(__name__)
 
-# what ``image_features`` computes; part of the cache key (bump when it changes)
+# what ``image_features`` computes by default (a trainer's ``feature_kind``); part of the
+# cache key (bump when it changes)
 FEATURE_KIND = "clip-visual-l2norm-v1"
 
 
@@ -47,7 +49,7 @@ def encoder_key_parts(trainer: Any, cache_root: str) -> Dict[str, Any]:
     feature kind, the weights' content, the precision, the memory format, whether the
     batch norms are folded, the device and the torch version."""
     return {
-        "kind": FEATURE_KIND,
+        "kind": getattr(trainer, "feature_kind", FEATURE_KIND),
         "weights": weights_hash(trainer, cache_root),
         "dtype": str(trainer.clip_dtype()),
         "channels_last": trainer.image_channels_last(),
@@ -74,10 +76,15 @@ def eval_key(trainer: Any, data_loader: Any, cache_root: str) -> Tuple[str, Dict
     return cache_key(parts), parts
 
 
-def evaluate_cached(trainer: Any, split: str, data_loader: Any) -> None:
-    """An evaluation pass through the disk cache of image features
-    (``FAST.EVAL_FEATURE_CACHE``): computed once with the same batches and operations as the
-    plain path (bit-identical logits) and reused by later runs."""
+def split_features(
+    trainer: Any, split: str, data_loader: Any
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The image features and labels of every batch of ``data_loader`` (a pass over a test
+    split): read from the disk cache where ``trainer.eval_cache_enabled()`` (computed once
+    with the same batches and operations as the plain path, so bit-identical, then reused
+    by later runs), else computed."""
+    if not trainer.eval_cache_enabled():
+        return _loader_features(trainer, split, data_loader)
     cache_root = default_cache_dir(trainer.cfg.FAST.CACHE_DIR)
     cache = FeatureCache(cache_root)
     key, parts = eval_key(trainer, data_loader, cache_root)
@@ -85,20 +92,105 @@ def evaluate_cached(trainer: Any, split: str, data_loader: Any) -> None:
     if hit is not None:
         logger.info(f"Using cached image features of the *{split}* set ({cache.path(key)})")
         draw_loader_seed()  # the original draws this when it iterates the loader
-        features, labels = hit
-    else:
-        features, labels = [], []
+        return hit
+    features, labels = _loader_features(trainer, split, data_loader)
+    cache.store(key, features, labels, parts)
+    logger.info(f"Cached image features of the *{split}* set in {cache.path(key)}")
+    return features, labels
+
+
+def _loader_features(
+    trainer: Any, split: str, data_loader: Any
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    features, labels = [], []
+    with torch.no_grad():
         for batch in tqdm(data_loader, desc=f"features {split}", leave=False):
             input, label = trainer.parse_batch_test(batch)
             with trainer.autocast():
                 features.append(trainer.image_features(input))
             labels.append(label)
-        cache.store(key, features, labels, parts)
-        logger.info(f"Cached image features of the *{split}* set in {cache.path(key)}")
+    return features, labels
+
+
+def evaluate_cached(trainer: Any, split: str, data_loader: Any) -> None:
+    """An evaluation pass through the disk cache of image features
+    (``FAST.EVAL_FEATURE_CACHE``, :func:`split_features`)."""
+    features, labels = split_features(trainer, split, data_loader)
     for feats, label in zip(features, labels):
         with trainer.autocast():
             output = trainer.logits_from_features(feats.to(trainer.device))
         trainer.evaluator.process(output, label.to(trainer.device))
+
+
+def image_features_key(trainer: Any, transform: Any, cache_root: str) -> Tuple[str, Dict]:
+    """The key of the per-image entry of features under a deterministic ``transform``:
+    everything the features depend on except which images."""
+    import torchvision
+
+    cfg = trainer.cfg
+    parts = {
+        **encoder_key_parts(trainer, cache_root),
+        "cache": "image-features",
+        "format": TRAIN_VIEWS_FORMAT,
+        "byteorder": sys.byteorder,
+        "input": {k: cfg.INPUT[k] for k in sorted(cfg.INPUT)},
+        "transform": repr(transform),
+        "batch_size": cfg.DATALOADER.TEST.BATCH_SIZE,
+        "torchvision": torchvision.__version__,
+    }
+    return cache_key(parts), parts
+
+
+def image_features_of(trainer: Any, data_source: List[Any], transform: Any) -> torch.Tensor:
+    """Frozen image features ``(N, E)`` (on the CPU) of the images of ``data_source`` (a
+    list of Datum, e.g. a few-shot subset) under the deterministic ``transform`` (the test
+    transform).
+
+    Where ``trainer.eval_cache_enabled()``, they go through a per-image disk store (one
+    file per image, as the training views are stored), so any subset of a split (every
+    seed, shot count and run) computes only the images no earlier run has; missing ones
+    are computed in batches of the test batch size, the last padded to it, so an image's
+    features do not depend on which others share its batch. Otherwise they are computed
+    by one sequential pass in test batches."""
+    from coop.data import DatasetWrapper, build_data_loader
+
+    if not data_source:
+        raise ValueError("image_features_of: no images given")
+    cfg = trainer.cfg
+    bs = cfg.DATALOADER.TEST.BATCH_SIZE
+    if not trainer.eval_cache_enabled():
+        loader = build_data_loader(
+            cfg, data_source=data_source, batch_size=bs, tfm=transform, is_train=False
+        )
+        features, _ = _loader_features(trainer, "images", loader)
+        return torch.cat(features).cpu()
+
+    cache_root = default_cache_dir(cfg.FAST.CACHE_DIR)
+    key, parts = image_features_key(trainer, transform, cache_root)
+    cache = TrainViewCache(cache_root, key, parts, subdir="image_features")
+    files = [cache.image_file(d.impath) for d in data_source]
+    first: Dict[str, int] = {}
+    for i, path in enumerate(files):
+        first.setdefault(path, i)
+    meta = cache.read_meta()
+    stored: Dict[str, torch.Tensor] = {}
+    if meta is not None:
+        for path, i in first.items():
+            feats = cache.load(path, meta, impath=data_source[i].impath)
+            if feats is not None:
+                stored[path] = feats
+    pairs = [(i, 0) for path, i in first.items() if path not in stored]
+    if pairs:
+        wrapper = DatasetWrapper(cfg, data_source, transform=transform, is_train=False)
+        computed = compute_train_views(trainer, wrapper, pairs, bs, desc="image features")
+        stored.update(
+            cache.store({files[i]: feat.unsqueeze(0) for (i, _), feat in zip(pairs, computed)})
+        )
+    logger.info(
+        f"Image features of {len(data_source)} images: computed {len(pairs)}, read "
+        f"{len(first) - len(pairs)} from {cache.folder}"
+    )
+    return torch.stack([stored[path][0] for path in files])
 
 
 def train_views_key(trainer: Any, cache_root: str) -> Tuple[str, Dict[str, Any]]:
@@ -121,17 +213,22 @@ def train_views_key(trainer: Any, cache_root: str) -> Tuple[str, Dict[str, Any]]
 
 
 def compute_train_views(
-    trainer: Any, wrapper: Any, pairs: List[Tuple[int, int]]
+    trainer: Any,
+    wrapper: Any,
+    pairs: List[Tuple[int, int]],
+    batch_size: int = 0,
+    desc: str = "training feature cache",
 ) -> List[torch.Tensor]:
     """Features (on the CPU) of view ``v`` of image ``i`` for each ``(i, v)`` of ``pairs``.
 
     The views go through the image encoder in batches of the training batch size (the
     batch shape the encoder sees in training without the cache), the last one padded to
     it, so an image's features do not depend on how many others share its batch (kernels
-    are chosen by shape) and at most a training batch less one of padding is computed."""
+    are chosen by shape) and at most a training batch less one of padding is computed
+    (``batch_size``: another batch size)."""
     from coop.data import resolve_num_workers
 
-    bs = trainer.cfg.DATALOADER.TRAIN_X.BATCH_SIZE
+    bs = batch_size or trainer.cfg.DATALOADER.TRAIN_X.BATCH_SIZE
     loader = torch.utils.data.DataLoader(
         SeededViews(wrapper, pairs),
         batch_size=bs,
@@ -142,7 +239,7 @@ def compute_train_views(
     out: List[torch.Tensor] = []
     # the loader draws its base seed from torch's generator: keep the run's stream intact
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for batch in tqdm(loader, desc="training feature cache", leave=False):
+        for batch in tqdm(loader, desc=desc, leave=False):
             images = batch["img"]
             n = images.shape[0]
             if n < bs:
