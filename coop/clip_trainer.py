@@ -96,6 +96,8 @@ class CLIPTrainer:
     # keys of a loaded state dict that the model rebuilds from the class names (the original
     # code saved them; its load_model drops them)
     derived_state_keys: Tuple[str, ...] = ()
+    # prefixes of state keys that the original's checkpoints lack (the model keeps its values)
+    optional_state_prefixes: Tuple[str, ...] = ()
     # whether the training log reports the batch accuracy beside the loss
     log_train_accuracy = True
     # the precision switches build_model sets (a method that builds its own model keeps these)
@@ -198,12 +200,14 @@ class CLIPTrainer:
         self, name: str, state_dict: Dict[str, Any], path: str
     ) -> Dict[str, Any]:
         """The weights ``state_dict`` of ``path`` made ready for the registered model
-        ``name``: ``derived_state_keys`` dropped, one clear error for a weight whose shape
-        differs from the model's or one the model needs but the file lacks, each cast to the
-        model's dtype (e.g. an fp16 checkpoint evaluated in fp32)."""
+        ``name``: ``derived_state_keys`` dropped (the model keeps its own), one clear error
+        for a weight whose shape differs from the model's or one the model needs but the
+        file lacks (absent keys under ``optional_state_prefixes`` keep the model's values),
+        each cast to the model's dtype (e.g. an fp16 checkpoint evaluated in fp32)."""
         from coop.io import CheckpointError
 
-        state_dict = {k: v for k, v in state_dict.items() if k not in self.derived_state_keys}
+        derived = set(self.derived_state_keys)
+        state_dict = {k: v for k, v in state_dict.items() if k not in derived}
         own = self._models[name].state_dict()  # type: ignore[attr-defined]
         for key, value in state_dict.items():
             if key in own and own[key].shape != value.shape:
@@ -212,10 +216,16 @@ class CLIPTrainer:
                     f"{tuple(value.shape)} there but {tuple(own[key].shape)} here "
                     f"({self.model_description()})"
                 )
-        missing = [k for k in own if k not in state_dict]
+        optional = tuple(self.optional_state_prefixes)
+        missing = [k for k in own if k not in state_dict and k not in derived]
+        missing = [k for k in missing if not (optional and k.startswith(optional))]
         if missing:
-            raise CheckpointError(f"The checkpoint {path} lacks the weights {missing}")
-        return {k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()}
+            shown = missing if len(missing) <= 5 else missing[:5] + ["..."]
+            raise CheckpointError(f"The checkpoint {path} lacks the weights {shown}")
+        # the entries the file may lack keep the model's values, so a strict load works
+        out = {k: v for k, v in own.items() if k not in state_dict}
+        out.update({k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()})
+        return out
 
     def model_description(self) -> str:
         """What a checkpoint must fit, for the errors (a method adds its own settings)."""
@@ -293,36 +303,6 @@ class CLIPTrainer:
             raise CheckpointError(f"No weights in {path} match the {self.learnable}")
         module.load_state_dict(matched, strict=False)
         logger.info(f"Initialized the {self.learnable} from {path}: {sorted(matched)}")
-
-    def fit_whole_model_state(
-        self,
-        state_dict: Dict[str, torch.Tensor],
-        path: str,
-        rebuilt: Sequence[str] = (),
-        optional: Sequence[str] = (),
-    ) -> Dict[str, torch.Tensor]:
-        """A loaded checkpoint of the whole model (``model_name``) fitted to the model:
-        the ``rebuilt`` keys (e.g. the class-name token buffers, which the original's
-        ``load_model`` drops) and absent keys starting with an ``optional`` prefix keep the
-        model's values; a missing key or a wrong shape is one error naming it; the model's
-        dtypes are kept (an fp16 checkpoint evaluated in fp32)."""
-        from coop.io import CheckpointError
-
-        own = self.model.state_dict()
-        state_dict = {k: v for k, v in state_dict.items() if k not in rebuilt}
-        for key, value in state_dict.items():
-            if key in own and own[key].shape != value.shape:
-                raise CheckpointError(
-                    f"The checkpoint {path} does not fit this model: '{key}' has shape "
-                    f"{tuple(value.shape)} there but {tuple(own[key].shape)} here"
-                )
-        missing = [k for k in own if k not in state_dict and k not in rebuilt]
-        missing = [k for k in missing if not k.startswith(tuple(optional))]
-        if missing:
-            raise CheckpointError(f"The checkpoint {path} lacks the weights {missing[:5]}")
-        out = {k: v for k, v in own.items() if k not in state_dict}
-        out.update({k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()})
-        return out
 
     # ------------------------------------------------------------------ the step
     def parse_batch_train(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:

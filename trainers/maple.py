@@ -149,6 +149,9 @@ class MaPLe(CLIPTrainer):
 
     image_encoder_frozen = False
     model_name = "MultiModalPromptLearner"
+    # the class-name token buffers, rebuilt from the current class names (the original's
+    # load_model drops them)
+    derived_state_keys = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
     protocol_configs = {
         "base2new": "vit_b16_c2_ep5_batch4_2ctx",
         "xd": "vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
@@ -185,8 +188,3 @@ class MaPLe(CLIPTrainer):
 
     def evaluation_scope(self):
         return self.model.text_features.frozen()  # the original recomputes them per batch
-
-    def prepare_loaded_state_dict(self, name, state_dict, path):
-        # the class-name token buffers are rebuilt from the current class names
-        rebuilt = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
-        return self.fit_whole_model_state(state_dict, path, rebuilt=rebuilt)

@@ -215,6 +215,10 @@ class PromptSRC(CLIPTrainer):
 
     image_encoder_frozen = False
     model_name = "VLPromptLearner"
+    # the class-name token buffers, rebuilt from the current class names (the original's
+    # load_model drops them); the original's checkpoints have no GPA sums
+    derived_state_keys = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+    optional_state_prefixes = ("gpa.",)
     protocol_configs = {
         "fewshot": "vit_b16_c2_ep50_batch4_4+4ctx_few_shot",
         "base2new": "vit_b16_c2_ep20_batch4_4+4ctx",
@@ -331,9 +335,3 @@ class PromptSRC(CLIPTrainer):
 
     def evaluation_scope(self):
         return self.model.text_features.frozen()  # the original recomputes them per batch
-
-    def prepare_loaded_state_dict(self, name, state_dict, path):
-        # the class-name token buffers are rebuilt from the current class names; the
-        # original's checkpoints have no GPA sums
-        rebuilt = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
-        return self.fit_whole_model_state(state_dict, path, rebuilt=rebuilt, optional=("gpa.",))
