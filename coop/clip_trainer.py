@@ -62,9 +62,9 @@ class CLIPTrainer:
     def __new__(cls, *args: Any, **kwargs: Any) -> CLIPTrainer:
         # a method class built directly (Dassl's ``TRAINER_REGISTRY.get(name)(cfg)`` idiom
         # on this package's registry) runs on the bundled engine
-        if not hasattr(cls, "run_epoch"):
-            from coop.hosts import on_host
+        from coop.hosts import HostAdapter, on_host
 
+        if not issubclass(cls, HostAdapter):
             cls = on_host(cls)
         return object.__new__(cls)
 

@@ -149,6 +149,7 @@ class MaPLe(CLIPTrainer):
 
     image_encoder_frozen = False
     model_name = "MultiModalPromptLearner"
+    log_train_accuracy = False  # the original logs the loss only
     # the class-name token buffers, rebuilt from the current class names (the original's
     # load_model drops them)
     derived_state_keys = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")

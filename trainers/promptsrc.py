@@ -215,6 +215,7 @@ class PromptSRC(CLIPTrainer):
 
     image_encoder_frozen = False
     model_name = "VLPromptLearner"
+    log_train_accuracy = False  # the original logs the loss only
     # the class-name token buffers, rebuilt from the current class names (the original's
     # load_model drops them); the original's checkpoints have no GPA sums
     derived_state_keys = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
