@@ -149,6 +149,8 @@ class MaPLe(CLIPTrainer):
 
     image_encoder_frozen = False
     model_name = "MultiModalPromptLearner"
+    # scripts/maple/: base2new_{train,test}_maple.sh, xd_{train,test}_maple.sh (also the
+    # domain-generalisation targets), with CoCoOp's folders and arguments; no few-shot script
     protocol_configs = {
         "base2new": "vit_b16_c2_ep5_batch4_2ctx",
         "xd": "vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
