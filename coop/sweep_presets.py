@@ -168,7 +168,8 @@ def protocol_shots(cls: Any, protocol: str, default: Sequence[int]) -> List[int]
     own = dict(getattr(cls, "protocol_shots", {}) or {})
     if protocol == "dg" and "dg" not in own:
         protocol = "xd"
-    return [int(k) for k in own.get(protocol, default)]
+    shots = own.get(protocol, default)
+    return [int(k) for k in ((shots,) if isinstance(shots, int) else shots)]
 
 
 def declared_opts(cls: Any, key: str, dataset: str, shots: int) -> Optional[List[str]]:
