@@ -84,15 +84,32 @@ class CLIPTrainer:
     # the YAML (a file stem in ``config_dir``) each protocol preset of ``coop-sweep`` runs
     # this method with, as the original scripts do: "fewshot" (the K-shot grid),
     # "base2new" (train on base classes) and "xd" (train on ImageNet for cross-dataset
-    # transfer and domain generalisation; "dg" where that differs); "<protocol>.<dataset>"
-    # and "<protocol>.<K>shots" refine a protocol's file (the most specific key wins)
+    # transfer and domain generalisation; "dg" where that differs); "<protocol>.<dataset>",
+    # "<protocol>.<K>shots" and "<protocol>.<dataset>.<K>shots" refine a protocol's file
+    # (the most specific key wins). A protocol the original ships no script for is left
+    # out: its preset then stops with an error naming the declared ones
     protocol_configs: Dict[str, str] = {}
     # output folder patterns of the protocols where the method's original scripts differ
     # from CoOp's main.sh and CoCoOp's scripts (coop.sweep_presets.DEFAULT_DIRS): keys
     # "fewshot", "base2new_train", "base2new_test", "xd_train", "xd_test", "dg_train",
     # "dg_test", "zeroshot"; fields {dataset} {trainer} {cfg} {shots} {seed} and the keys of
-    # the method's config node (e.g. {N_CTX})
+    # the method's config node (e.g. {N_CTX}; an evaluation's folder takes them from the run
+    # it loads, as the scripts' COMMON_DIR); a pattern that starts with {output} is not put
+    # under the sweep's --output folder but beside it (a script writing to output_xd/)
     protocol_dirs: Dict[str, str] = {}
+    # the opts the original scripts pass, in their order, per run kind (the protocol_dirs
+    # keys), as a flat sequence KEY, VALUE, KEY, VALUE, ...: e.g. KgCoOp's base2new_train
+    # ("TRAINER.COOP.N_CTX", "4", ..., "TRAINER.COOP.W", "8.0", ...). The protocol's own
+    # opts (DATASET.NUM_SHOTS, DATASET.SUBSAMPLE_CLASSES) follow them. "<kind>.<K>shots",
+    # "<kind>.<dataset>" and "<kind>.<dataset>.<K>shots" change or add pairs on top of the
+    # kind's (ProGrad's LOSS.LAMBDA 0.8 for some datasets at 8 and 16 shots); "dg_*" falls
+    # back to "xd_*". A flag (--nctx, --csc, --ctp) replaces its key's value in place, a
+    # trailing opt of the sweep replaces the pair. Without a declaration for a run kind, the
+    # config keys its folder names are passed as opts
+    protocol_opts: Dict[str, Sequence[str]] = {}
+    # the shot counts a protocol runs by default where the original's differ from the
+    # papers' (few-shot 1, 2, 4, 8, 16; the others 16): e.g. ProGrad's {"base2new": (4,)}
+    protocol_shots: Dict[str, Tuple[int, ...]] = {}
     # keys of a loaded state dict that the model rebuilds from the class names (the original
     # code saved them; its load_model drops them)
     derived_state_keys: Tuple[str, ...] = ()

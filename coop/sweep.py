@@ -18,7 +18,8 @@ executor ran it, and several sweeps of the same grid share it out (per-run locks
 
 At the end of a sweep that waited for its runs, it prints per folder of seeds the mean and
 standard deviation of their test accuracy in ``parse_test_res.py``'s form (``np.std``,
-population), from each run's ``results.json`` at full precision.
+population), from each run's ``results.json`` at full precision; for base-to-new, per
+dataset the base and new means and their harmonic mean H.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from coop.sweep_presets import (
     with_backbone,
 )
 
-__all__ = ["Run", "SweepError", "main", "paper_cfg", "plan", "summarize", "read_accuracy"]
+__all__ = ["Run", "SweepError", "main", "paper_cfg", "plan", "summarize", "summarize_base2new",
+           "read_accuracy"]  # fmt: skip
 
 TRAINER = "CoOp"
 
@@ -101,6 +103,56 @@ def summarize(runs: Sequence[Run]) -> List[str]:
                 f"({len(got)} of {len(members)} seeds)"
             )
     return lines
+
+
+def _subsample(run: Run) -> str:
+    """The run's ``DATASET.SUBSAMPLE_CLASSES`` opt (the last one, as the merge keeps)."""
+    opts = run.argv
+    values = [opts[i + 1] for i in range(len(opts) - 1) if opts[i] == "DATASET.SUBSAMPLE_CLASSES"]
+    return values[-1] if values else "all"
+
+
+def summarize_base2new(runs: Sequence[Run]) -> List[str]:
+    """Per dataset of a base-to-new sweep: the seed means of the base accuracy (the training
+    runs' own test, on the base classes) and of the new accuracy (their evaluations on the
+    new classes) and H = 2BN/(B+N) of those means; over several datasets, the same of the
+    per-dataset means, as the papers' average row."""
+    by_done = {run.done_file(): run for run in runs}
+    pairs: Dict[Tuple[str, str], Tuple[Run, List[float], List[float]]] = {}
+    for run in runs:
+        train = by_done.get(run.after[0]) if run.after else None
+        if train is None or _subsample(run) != "new" or _subsample(train) != "base":
+            continue
+        key = (train.group or train.out, run.group or run.out)
+        _, bases, news = pairs.setdefault(key, (run, [], []))
+        for values, r in ((bases, train), (news, run)):
+            acc = read_accuracy(r.out)
+            if acc is not None:
+                values.append(acc)
+    lines, means = [], []
+    for run, bases, news in pairs.values():
+        what = f"base-to-new {run.dataset} ({run.trainer}, {run.cfg}, {run.shots} shots)"
+        if not bases or not news:
+            lines.append(f"{what}: no results")
+            continue
+        b, n = sum(bases) / len(bases), sum(news) / len(news)
+        means.append((b, n))
+        lines.append(
+            f"{what}: base {b:.2f}%, new {n:.2f}%, H {_harmonic(b, n):.2f}% "
+            f"({len(bases)}/{len(news)} seeds)"
+        )
+    if len(means) > 1 and len(means) == len(pairs):
+        b = sum(m[0] for m in means) / len(means)
+        n = sum(m[1] for m in means) / len(means)
+        lines.append(
+            f"base-to-new average of {len(means)} datasets: base {b:.2f}%, new {n:.2f}%, "
+            f"H {_harmonic(b, n):.2f}%"
+        )
+    return lines
+
+
+def _harmonic(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new else 0.0
 
 
 # ---------------------------------------------------------------------------- command line
@@ -305,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"Follow it with: coop-sweep status {preset} <the same preset options>", flush=True)
         return 0
     print(f"Sweep of {len(runs)} runs in {time.perf_counter() - t0:.1f} s", flush=True)
-    for line in summarize(runs):
+    for line in summarize(runs) + summarize_base2new(runs):
         print(line, flush=True)
     for run in failed:
         print(f"coop-sweep: failed: {run.out}", file=sys.stderr)

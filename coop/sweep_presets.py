@@ -2,20 +2,28 @@
 
 Every preset builds the runs the original scripts start, with their arguments and output
 folders, for any registered trainer (``--trainer``, default CoOp). What differs between
-methods is read from the trainer class, never from a list of names here:
+methods is read from the trainer class (documented on
+:class:`coop.clip_trainer.CLIPTrainer`), never from a list of names here:
 
 - the YAML a protocol runs it with: ``protocol_configs[protocol]`` in
-  ``configs/trainers/<config_folder()>/``, refined per dataset (``"<protocol>.<dataset>"``)
-  or shot count (``"<protocol>.<K>shots"``), the most specific key first; ``--backbone``
+  ``configs/trainers/<config_folder()>/``, refined per dataset (``"<protocol>.<dataset>"``),
+  shot count (``"<protocol>.<K>shots"``) or both (``"<protocol>.<dataset>.<K>shots"``),
+  the most specific key first; a protocol without one stops with an error; ``--backbone``
   swaps the backbone part of the file name (``rn50_ep50`` -> ``vit_b16_ep50``) and ``--cfg``
   names one file for every run;
 - the output folders: ``protocol_dirs[key]`` (keys ``fewshot``, ``base2new_train``,
   ``base2new_test``, ``xd_train``, ``xd_test``, ``dg_train``, ``dg_test``, ``zeroshot``),
   format strings over ``{dataset} {trainer} {cfg} {shots} {seed}`` and the method's own
-  config keys (``{N_CTX}`` is ``TRAINER.<NODE>.N_CTX`` as the run will have it). A key the
-  method does not declare takes :data:`DEFAULT_DIRS` (CoOp's ``main.sh`` and CoCoOp's
-  scripts; the DG folders default to the cross-dataset ones). A method key in the folder is
-  also passed as an opt, as the scripts pass what their folder names show;
+  config keys (``{N_CTX}`` is ``TRAINER.<NODE>.N_CTX`` as the run will have it; an
+  evaluation takes them from the run it loads); ``{output}`` first puts the folder beside
+  ``--output`` instead of under it. A key the method does not declare takes
+  :data:`DEFAULT_DIRS` (CoOp's ``main.sh`` and CoCoOp's scripts; the DG folders default to
+  the cross-dataset ones);
+- the opts: ``protocol_opts[key]`` (the scripts' own, in their order, refined per dataset
+  and shot count), then the protocol's (``DATASET.NUM_SHOTS``, ``DATASET.SUBSAMPLE_CLASSES``),
+  then the sweep's trailing opts. Without a declaration, a method key in the folder is
+  passed as an opt, as the scripts pass what their folder names show;
+- the shot counts: ``protocol_shots[protocol]`` where they differ from the papers';
 - the load epoch of an evaluation: ``OPTIM.MAX_EPOCH`` of the training run's config;
 - the ablations' keys: ``N_CTX``, ``CSC`` and ``CLASS_TOKEN_POSITION`` of the method's node.
 """
@@ -60,6 +68,8 @@ DEFAULT_DIRS = {
 # PromptSRC's few_shot.sh: the few-shot folder of a method without CoOp's context keys
 FEWSHOT_PLAIN = "{dataset}/{trainer}/{cfg}_{shots}shots/seed{seed}"
 _PROTOCOL_OF_DIR = {"dg_train": "xd_train", "dg_test": "xd_test"}
+# the fields every folder pattern may use (any other names a key of the method's node)
+_PLAIN_FIELDS = ("dataset", "trainer", "cfg", "shots", "seed", "output")
 
 # the ablation knobs: command-line flag -> key of the method's config node
 KNOBS = {"nctx": "N_CTX", "csc": "CSC", "ctp": "CLASS_TOKEN_POSITION"}
@@ -122,19 +132,70 @@ def with_backbone(stem: str, backbone: Optional[str]) -> str:
     return stem
 
 
+def _refinements(base: str, dataset: str, shots: int) -> List[str]:
+    """The keys that refine ``base`` for a dataset and shot count, most specific first."""
+    return [f"{base}.{dataset}.{shots}shots", f"{base}.{dataset}", f"{base}.{shots}shots", base]
+
+
+def declared_protocols(cls: Any) -> List[str]:
+    """The protocols ``protocol_configs`` names (``dg`` where ``xd`` is declared)."""
+    table = dict(getattr(cls, "protocol_configs", {}) or {})
+    names = {key.split(".", 1)[0] for key in table}
+    if "xd" in names:
+        names.add("dg")
+    return sorted(names)
+
+
 def protocol_cfg(cls: Any, protocol: str, dataset: str, shots: int) -> str:
     """The YAML stem the method declares for ``protocol`` (see the module docstring)."""
     table = dict(getattr(cls, "protocol_configs", {}) or {})
-    keys = [f"{protocol}.{dataset}", f"{protocol}.{shots}shots", protocol]
+    keys = _refinements(protocol, dataset, shots)
     if protocol == "dg":  # domain generalisation trains as cross-dataset transfer does
-        keys += [f"xd.{dataset}", f"xd.{shots}shots", "xd"]
+        keys += _refinements("xd", dataset, shots)
     for key in keys:
         if key in table:
             return table[key]
+    declared = ", ".join(declared_protocols(cls)) or "none"
     raise SweepError(
-        f"trainer {cls.__name__} declares no config for the {protocol} protocol "
-        f"(protocol_configs has {sorted(table) or 'nothing'}); pass --cfg NAME"
+        f"trainer {cls.__name__} declares no config for the {protocol} protocol (its "
+        f"original ships no script for it; protocols declared: {declared}); pass --cfg NAME "
+        f"to run it with the default folders and arguments"
     )
+
+
+def protocol_shots(cls: Any, protocol: str, default: Sequence[int]) -> List[int]:
+    """The shot counts the method's original runs ``protocol`` with (else ``default``)."""
+    own = dict(getattr(cls, "protocol_shots", {}) or {})
+    if protocol == "dg" and "dg" not in own:
+        protocol = "xd"
+    shots = own.get(protocol, default)
+    return [int(k) for k in ((shots,) if isinstance(shots, int) else shots)]
+
+
+def declared_opts(cls: Any, key: str, dataset: str, shots: int) -> Optional[List[str]]:
+    """The opts the method's scripts pass for run kind ``key`` (a ``protocol_dirs`` key),
+    refinements applied on top (a pair's value changed in place, a new key appended);
+    None when the method declares none for that kind."""
+    table = dict(getattr(cls, "protocol_opts", {}) or {})
+
+    def declares(kind: str) -> bool:
+        return any(k == kind or k.startswith(kind + ".") for k in table)
+
+    if not declares(key):
+        key = _PROTOCOL_OF_DIR.get(key, key)
+        if not declares(key):
+            return None
+    merged: Dict[str, str] = {}  # insertion order is the scripts' order
+    for name in reversed(_refinements(key, dataset, shots)):
+        pairs = [str(v) for v in table.get(name, ())]
+        if len(pairs) % 2:
+            raise SweepError(
+                f"trainer {cls.__name__}: protocol_opts[{name!r}] must alternate KEY and "
+                f"VALUE, got an odd number of items {pairs}"
+            )
+        for k, v in zip(pairs[0::2], pairs[1::2]):
+            merged[k] = v
+    return [item for pair in merged.items() for item in pair]
 
 
 def dir_pattern(cls: Any, key: str, node_keys: Iterable[str]) -> str:
@@ -262,16 +323,27 @@ class Planner:
         cfg_file = _check_cfg_file(self.folder, stem, what)
         pattern = dir_pattern(self.cls, step.dir_key, self.node_keys())
         fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f]
-        method_keys = [f for f in fields if f not in ("dataset", "trainer", "cfg", "shots", "seed")]
-        base_opts = self.knob_opts(knobs) + step.protocol_opts + self.user_opts
-        cfg = self.configs.get(dataset_file, cfg_file, base_opts, f"{self.trainer} {what}")
+        method_keys = [f for f in fields if f not in _PLAIN_FIELDS]
+        user_keys = set(self.user_opts[0::2])
+        knob_pairs = self.knob_opts(knobs)
+        knob_values = dict(zip(knob_pairs[0::2], knob_pairs[1::2]))
+        declared = declared_opts(self.cls, step.dir_key, step.dataset, step.shots)
+        script: List[str] = []  # the script's own opts, a flag's value in place
+        for key, value in zip((declared or [])[0::2], (declared or [])[1::2]):
+            if key not in user_keys:  # the user's own value comes later
+                script += [key, knob_values.get(key, value)]
+        tail = step.protocol_opts + self.user_opts
+        cfg = self.configs.get(
+            dataset_file, cfg_file, script + knob_pairs + tail, f"{self.trainer} {what}"
+        )
+        # an evaluation's folder shows its model's settings (the scripts' COMMON_DIR)
+        shown = self.run_cfg(after) if after is not None else cfg
+        node = shown.TRAINER.get(self.node) if self.node else None
         values: Dict[str, Any] = {
             "dataset": step.dataset, "trainer": self.trainer, "cfg": stem,
-            "shots": step.shots, "seed": step.seed,
+            "shots": step.shots, "seed": step.seed, "output": self.args.output,
         }  # fmt: skip
-        node = cfg.TRAINER.get(self.node) if self.node else None
-        opts: List[str] = []
-        user_keys = set(self.user_opts[0::2])
+        folder_opts: List[str] = []
         for key in method_keys:
             if node is None or key not in node:
                 raise SweepError(
@@ -280,16 +352,18 @@ class Planner:
                     f"protocol_dirs[{step.dir_key!r}] on the trainer"
                 )
             values[key] = node[key]
-            # the keys the folder shows are passed as opts, as the scripts pass their
-            # arguments (the user's own opt for one comes later anyway)
-            if f"TRAINER.{self.node}.{key}" not in user_keys:
-                opts += [f"TRAINER.{self.node}.{key}", str(node[key])]
-        out = os.path.join(self.args.output, pattern.format(**values))
-        knob_pairs = self.knob_opts(knobs)
-        for key, value in zip(knob_pairs[0::2], knob_pairs[1::2]):
+            # without the scripts' opts declared, the keys the folder shows are passed as
+            # opts, as the scripts pass their arguments (a user's own opt comes later)
+            full = f"TRAINER.{self.node}.{key}"
+            if declared is None and full not in user_keys:
+                folder_opts += [full, str(node[key])]
+        opts = script + folder_opts
+        for key, value in knob_values.items():
             if key not in opts[0::2] and key not in user_keys:
                 opts += [key, value]
-        opts += step.protocol_opts + self.user_opts
+        opts += tail
+        folder = pattern.format(**values)
+        out = folder if "output" in fields else os.path.join(self.args.output, folder)
         argv = ["--root", self.args.root]
         if step.seed >= 0:
             argv += ["--seed", str(step.seed)]
@@ -311,14 +385,24 @@ class Planner:
             after=[after.done_file()] if after is not None else [], group=group,
         )  # fmt: skip
 
-    def max_epoch(self, run: Run) -> int:
-        """``OPTIM.MAX_EPOCH`` of a training run's config: the epoch its last checkpoint
-        has, which the evaluations load."""
+    def run_cfg(self, run: Run) -> Any:
+        """The config a planned run will have (from its argv)."""
         argv = run.argv
         dataset_file = argv[argv.index("--dataset-config-file") + 1]
         cfg_file = argv[argv.index("--config-file") + 1]
         opts = argv[argv.index("--output-dir") + 2 :]
-        return int(self.configs.get(dataset_file, cfg_file, opts, run.label).OPTIM.MAX_EPOCH)
+        while opts and opts[0].startswith("--"):  # --model-dir M --load-epoch E --eval-only
+            opts = opts[1:] if opts[0] == "--eval-only" else opts[2:]
+        return self.configs.get(dataset_file, cfg_file, opts, run.label)
+
+    def max_epoch(self, run: Run) -> int:
+        """``OPTIM.MAX_EPOCH`` of a training run's config: the epoch its last checkpoint
+        has, which the evaluations load."""
+        return int(self.run_cfg(run).OPTIM.MAX_EPOCH)
+
+    def shots(self, protocol: str, default: Sequence[int]) -> List[int]:
+        """``--shots``, else the shot counts the method's original runs ``protocol`` with."""
+        return _shots(self.args, protocol_shots(self.cls, protocol, default))
 
 
 # ---------------------------------------------------------------------------- presets
@@ -378,7 +462,7 @@ def plan_fewshot(args: argparse.Namespace) -> List[Run]:
     first, per dataset)."""
     p = Planner(args, args.trainer)
     datasets = _names(args.datasets, "datasets")
-    shots, seeds = _shots(args, PAPER_SHOTS), _int_list(args.seeds, "seeds")
+    shots, seeds = p.shots("fewshot", PAPER_SHOTS), _int_list(args.seeds, "seeds")
     knobs = _knobs(args)
     runs: List[Run] = []
     for dataset in datasets:
@@ -482,7 +566,7 @@ def plan_base2new(args: argparse.Namespace) -> List[Run]:
     """base2new_train.sh (train on the base classes) then base2new_test.sh (evaluate the
     last epoch on the new classes), per dataset and seed."""
     p = Planner(args, args.trainer)
-    shots = _shots(args, (16,))
+    shots = p.shots("base2new", (16,))
     if len(shots) != 1:
         raise SweepError("--shots: base-to-new takes one shot count")
     return _train_then_eval(
@@ -495,7 +579,7 @@ def plan_base2new(args: argparse.Namespace) -> List[Run]:
 
 def _transfer(args: argparse.Namespace, protocol: str, default_targets: Sequence[str]) -> List[Run]:
     p = Planner(args, args.trainer)
-    shots = _shots(args, (16,))
+    shots = p.shots(protocol, (16,))
     if len(shots) != 1:
         raise SweepError(f"--shots: {protocol} takes one shot count")
     source = args.source

@@ -59,7 +59,9 @@ def test_config_defaults_and_shipped_yamls_are_the_originals():
     assert not opts.CTX_INIT  # the original's False; CoOp's "" in the shared node
     assert opts.KG_USE_CTX_INIT is False  # ours: the original's forced words by default
     assert KgCoOp.config_node_name() == "COOP" and KgCoOp.config_folder() == "KgCoOp"
-    assert KgCoOp.protocol_configs["base2new"] == "vit_b16_ep100_ctxv1"
+    assert KgCoOp.protocol_configs == {"base2new": "vit_b16_ep100_ctxv1",
+                                       "fewshot": "vit_b16_ep100_ctxv1"}  # fmt: skip
+    assert KgCoOp.protocol_shots == {"fewshot": (4,)}  # xd_train.sh: 4 shots, all classes
 
     for name, backbone in (("rn50_ep100", "RN50"), ("vit_b16_ep100_ctxv1", "ViT-B/16")):
         cfg = get_cfg_default()

@@ -54,11 +54,19 @@ def test_config_defaults_and_shipped_yamls_are_the_originals():
     assert not opts.CTX_INIT and opts.ALPHA == 1.0
     assert (loss.GM, loss.NAME, loss.ALPHA, loss.T, loss.LAMBDA) == (False, "", 0.0, 1.0, 1.0)
     assert ProGrad.config_node_name() == "COOP" and ProGrad.config_folder() == "ProGrad"
+    # README: 1 shot rn50_ep50, 2 and 4 shots rn50_ep100, 8 and 16 shots rn50; base-to-new
+    # rn50_ep100 (ImageNet rn50_ep50); eval.sh's 4-shot ImageNet model; no xd script
     assert ProGrad.protocol_configs == {
         "fewshot": "rn50",
+        "fewshot.1shots": "rn50_ep50",
+        "fewshot.2shots": "rn50_ep100",
+        "fewshot.4shots": "rn50_ep100",
+        "fewshot.imagenet": "rn50_ep50",
         "base2new": "rn50_ep100",
-        "xd": "rn50_ep50",
+        "base2new.imagenet": "rn50_ep50",
+        "dg": "rn50_ep50",
     }
+    assert ProGrad.protocol_shots == {"base2new": (4,), "dg": (4,)}
     for name, epochs in (("rn50", 200), ("rn50_ep100", 100), ("rn50_ep50", 50)):
         cfg = get_cfg_default()
         merge_from_file(cfg, f"configs/trainers/ProGrad/{name}.yaml")

@@ -332,6 +332,65 @@ def test_base_to_new_average_row_uses_averaged_base_and_new(tmp_path):
     assert _col(t, avg, "Status") == "V"
 
 
+KG = {"N_CTX": 4, "CSC": False, "CLASS_TOKEN_POSITION": "end", "CTX_INIT": "a photo of a",
+      "PREC": "fp16"}  # fmt: skip
+
+
+def test_base_to_new_of_kgcoops_weight_folders(tmp_path):
+    """KgCoOp's scripts: output/base2new/{train_base,test_new}/<d>/shots_16_<W>/KgCoOp/<cfg>/
+    seed<S>, two weights side by side; the test script passes no W (its own config has the
+    default 1.0) and loads its model by a relative --model-dir: each evaluation joins the
+    weight of the model it loaded."""
+    root = str(tmp_path)
+    accs = {  # (W, dataset) -> per seed (base, new)
+        ("8.0", "DescribableTextures"): [(80.0, 55.0), (81.0, 57.0)],
+        ("4.0", "DescribableTextures"): [(82.0, 50.0), (84.0, 52.0)],
+        ("8.0", "EuroSAT"): [(90.0, 70.0), (92.0, 74.0)],
+    }
+    cfg = "vit_b16_ep100_ctxv1"
+    for (w, d), seeds in accs.items():
+        for seed, (b, n) in enumerate(seeds, 1):
+            common = f"{d.lower()}/shots_16_{w}/KgCoOp/{cfg}/seed{seed}"
+            run(root, f"output/base2new/train_base/{common}", "KgCoOp", d, b, seed=seed,
+                sub="base", backbone="ViT-B/16", node=dict(KG, W=float(w)), epochs=100)  # fmt: skip
+            run(root, f"output/base2new/test_new/{common}", "KgCoOp", d, n, seed=seed, sub="new",
+                backbone="ViT-B/16", node=dict(KG, W=1.0), epochs=100,
+                model_dir=f"output/base2new/train_base/{common}")  # fmt: skip
+    t = _report(str(tmp_path / "output")).base2new_table()
+    assert len(t.rows) == 3
+    for (w, d), seeds in accs.items():
+        title = {"DescribableTextures": "DTD"}.get(d, d)
+        (row,) = _rows(t, Dataset=title, Method=f"KgCoOp (W={w})")
+        b, n = np.mean([s[0] for s in seeds]), np.mean([s[1] for s in seeds])
+        assert _col(t, row, "Shots") == 16 and _col(t, row, "Seeds (base/new)") == "2/2"
+        assert _col(t, row, "Base (mean +- std)").mean == pytest.approx(b)
+        assert _col(t, row, "New (mean +- std)").mean == pytest.approx(n)
+        assert _col(t, row, "H") == pytest.approx(2 * b * n / (b + n))
+
+
+def test_base_to_new_of_prograds_4_shot_folders(tmp_path):
+    """ProGrad's scripts: output/base2new/{train_base,test_new}/<d>/shots_4/ProGrad/rn50_ep100/
+    seed<S> (ImageNet rn50_ep50), 4-shot training: a row at 4 shots."""
+    root = str(tmp_path)
+    accs = {("Caltech101", "rn50_ep100", 100): [(95.0, 90.0), (96.0, 91.0), (97.0, 92.5)],
+            ("ImageNet", "rn50_ep50", 50): [(70.0, 64.0), (70.5, 65.0), (71.0, 66.0)]}  # fmt: skip
+    for (d, cfg, epochs), seeds in accs.items():
+        for seed, (b, n) in enumerate(seeds, 1):
+            common = f"{d.lower()}/shots_4/ProGrad/{cfg}/seed{seed}"
+            run(root, f"output/base2new/train_base/{common}", "ProGrad", d, b, shots=4,
+                seed=seed, sub="base", epochs=epochs)  # fmt: skip
+            run(root, f"output/base2new/test_new/{common}", "ProGrad", d, n, shots=4, seed=seed,
+                sub="new", epochs=epochs, model_dir=f"output/base2new/train_base/{common}")  # fmt: skip
+    t = _report(str(tmp_path / "output")).base2new_table()
+    assert len(t.rows) == 2
+    for (d, _, _), seeds in accs.items():
+        (row,) = _rows(t, Dataset=d, Method="ProGrad")
+        b, n = np.mean([s[0] for s in seeds]), np.mean([s[1] for s in seeds])
+        assert _col(t, row, "Shots") == 4 and _col(t, row, "Seeds (base/new)") == "3/3"
+        assert _col(t, row, "Backbone") == "RN50"
+        assert _col(t, row, "H") == pytest.approx(2 * b * n / (b + n))
+
+
 def _xd_tree(root):
     src = {1: 71.0, 2: 72.0}
     tgt = {"Caltech101": {1: 93.0, 2: 94.0}, "OxfordPets": {1: 89.0, 2: 88.0},

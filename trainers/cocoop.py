@@ -104,7 +104,9 @@ class CoCoOp(CLIPTrainer):
     """Conditional Context Optimization: cross-entropy on the logits of image-conditioned
     prompts; the context and the meta-net (the prompt learner) trained."""
 
-    # scripts/cocoop/*.sh: base-to-new and cross-dataset (ImageNet) training, 16 shots
+    # scripts/cocoop/*.sh: base-to-new and cross-dataset (ImageNet) training, 16 shots,
+    # the default folders and arguments (xd_test.sh also on the domain-generalisation
+    # targets); no few-shot script
     protocol_configs = {
         "base2new": "vit_b16_c4_ep10_batch1_ctxv1",
         "xd": "vit_b16_c4_ep10_batch1_ctxv1",

@@ -98,9 +98,28 @@ class KgCoOp(CoOp):
     """KgCoOp: CoOp's cross-entropy plus W times the knowledge score of the learned class
     text features; only the context is trained."""
 
-    # the original's scripts: base-to-new (16 shots) and "xd_train.sh", which trains 4-shot
-    # models on all classes; both with this file
+    # The original's scripts: base2new_train.sh / base2new_test.sh DATASET 8.0 (16 shots),
+    # and xd_train.sh, which despite its name trains 4-shot models on all classes (the
+    # few-shot protocol here) into its own output_1120_xd/ tree. No cross-dataset or
+    # domain-generalisation script is shipped.
     protocol_configs = {"base2new": "vit_b16_ep100_ctxv1", "fewshot": "vit_b16_ep100_ctxv1"}
+    protocol_shots = {"fewshot": (4,)}
+    protocol_dirs = {
+        "base2new_train": "base2new/train_base/{dataset}/shots_{shots}_{W}/{trainer}/{cfg}/seed{seed}",
+        "base2new_test": "base2new/test_new/{dataset}/shots_{shots}_{W}/{trainer}/{cfg}/seed{seed}",
+        "fewshot": "{output}_1120_xd/base2new/train_base/{dataset}/shots_{shots}_{W}/{trainer}/"
+        "{cfg}/seed{seed}",
+    }  # fmt: skip
+    # the opts of the scripts, in their order (the test script passes no W: it weighs the
+    # training loss only)
+    protocol_opts = {
+        "base2new_train": ("TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.CSC", "False",
+                           "TRAINER.COOP.W", "8.0", "TRAINER.COOP.CLASS_TOKEN_POSITION", "end"),
+        "base2new_test": ("TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.CSC", "False",
+                          "TRAINER.COOP.CLASS_TOKEN_POSITION", "end"),
+        "fewshot": ("TRAINER.COOP.N_CTX", "4", "TRAINER.COOP.CSC", "False",
+                    "TRAINER.COOP.W", "8.0", "TRAINER.COOP.CLASS_TOKEN_POSITION", "end"),
+    }  # fmt: skip
 
     @classmethod
     def add_config(cls, cfg) -> None:

@@ -153,6 +153,8 @@ class MaPLe(CLIPTrainer):
     # the class-name token buffers, rebuilt from the current class names (the original's
     # load_model drops them)
     derived_state_keys = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+    # scripts/maple/: base2new_{train,test}_maple.sh, xd_{train,test}_maple.sh (also the
+    # domain-generalisation targets), with CoCoOp's folders and arguments; no few-shot script
     protocol_configs = {
         "base2new": "vit_b16_c2_ep5_batch4_2ctx",
         "xd": "vit_b16_c2_ep5_batch4_2ctx_cross_datasets",

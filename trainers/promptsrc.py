@@ -220,10 +220,20 @@ class PromptSRC(CLIPTrainer):
     # load_model drops them); the original's checkpoints have no GPA sums
     derived_state_keys = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
     optional_state_prefixes = ("gpa.",)
+    # scripts/promptsrc/: few_shot.sh (folders <dataset>/PromptSRC/<cfg>_<K>shots/seed<S>),
+    # base2new_{train,test}.sh and xd_{train,test}.sh with CoCoOp's folders and arguments.
+    # The xd scripts name "..._ep5_..._cross_datasets", a file the original does not ship;
+    # its reproduce_xd.sh and the shipped file are the 20-epoch one used here.
     protocol_configs = {
         "fewshot": "vit_b16_c2_ep50_batch4_4+4ctx_few_shot",
         "base2new": "vit_b16_c2_ep20_batch4_4+4ctx",
         "xd": "vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",
+    }
+    # the few-shot YAML's comment: GPA mean 45, std 5 for these five datasets (30/30 for
+    # the others, the file's values)
+    protocol_opts = {
+        f"fewshot.{d}": ("TRAINER.PROMPTSRC.GPA_MEAN", "45", "TRAINER.PROMPTSRC.GPA_STD", "5")
+        for d in ("stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat")
     }
 
     @classmethod
