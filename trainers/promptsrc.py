@@ -15,6 +15,7 @@ it by batch size x class count).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import List, NamedTuple
 
@@ -27,13 +28,13 @@ from coop import fast
 from coop.clip_adapter import (
     add_layer_prompts,
     text_layer_prompts,
-    tokenize,
     vision_layer_prompts,
 )
 from coop.config import CN, ConfigError
 from coop.deep_prompts import DeepPromptCLIP, DeepPromptTrainer, TextContextLearner
 from coop.registry import TRAINER_REGISTRY
 from coop.trainers.templates import PROMPTSRC_TEMPLATES
+from coop.trainers.zsclip import class_text_features
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +57,15 @@ class VLPromptLearner(TextContextLearner):
         zs_clip = fast.load_clip_for(cfg)
         if clip_model.dtype == torch.float32:
             zs_clip.float()
-        with torch.no_grad():
-            self.ZS_image_encoder = zs_clip.visual
-            per_template = []
-            for template in PROMPTSRC_TEMPLATES:
-                names = [name.replace("_", " ") for name in classnames]
-                tokens = tokenize([template.replace("{}", name) for name in names])
-                features = fast.encode_text(cfg, text_clip, tokens)
-                per_template.append(features.unsqueeze(1))
-            # (n_cls, 512), fp32, unnormalised: the mean of the unnormalised features
-            fixed = torch.cat(per_template, dim=1).mean(dim=1)
+        self.ZS_image_encoder = zs_clip.visual
+        # (n_cls, 512), fp32, unnormalised: the mean of the unnormalised features
+        fixed = class_text_features(
+            text_clip,
+            classnames,
+            PROMPTSRC_TEMPLATES,
+            normalize=False,
+            encode=functools.partial(fast.encode_text, cfg, text_clip),
+        )
         del text_clip
         # a buffer only to move with the model; the original does not save it
         self.register_buffer("fixed_embeddings", fixed, persistent=False)
