@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
+
+import pytest
 
 
 def coop_argv(
@@ -114,3 +116,25 @@ def step_summaries(trainer: Any, batches: List[dict]) -> List[dict]:
         trainer.batch_idx = i
         summaries.append(trainer.forward_backward(batch))
     return summaries
+
+
+def killed_then_resumed(monkeypatch: Any, cls: type, run: Callable[[], int], epoch: int = 1) -> int:
+    """``run()`` (a coop-train run of the host class ``cls``) killed right after epoch
+    ``epoch`` (0-based, its checkpoint written), then run again: the second run's exit
+    status (a resume)."""
+
+    class Killed(Exception):
+        pass
+
+    after_epoch = cls.after_epoch
+
+    def after_epoch_then_kill(self):
+        after_epoch(self)
+        if self.epoch == epoch:
+            raise Killed
+
+    monkeypatch.setattr(cls, "after_epoch", after_epoch_then_kill)
+    with pytest.raises(Killed):
+        run()
+    monkeypatch.setattr(cls, "after_epoch", after_epoch)
+    return run()

@@ -11,7 +11,13 @@ import types
 
 import pytest
 import torch
-from helpers_train import build_from_argv, loss_lines, method_argv, read_results
+from helpers_train import (
+    build_from_argv,
+    killed_then_resumed,
+    loss_lines,
+    method_argv,
+    read_results,
+)
 
 from coop.clip_adapter import import_clip
 from coop.config import ConfigError, get_cfg_default, merge_from_file
@@ -207,22 +213,8 @@ def test_a_killed_run_resumes_to_the_same_gpa_model(data_root, tiny_vit3, tmp_pa
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert main(method_argv(data_root, full, tiny_vit3, "PromptSRC", B2N, *extra)) == 0
 
-    class Killed(Exception):
-        pass
-
-    cls = on_host(PromptSRC)
-    after_epoch = cls.after_epoch
-
-    def after_epoch_then_kill(self):
-        after_epoch(self)
-        if self.epoch == 1:
-            raise Killed
-
-    monkeypatch.setattr(cls, "after_epoch", after_epoch_then_kill)
-    with pytest.raises(Killed):
-        main(method_argv(data_root, part, tiny_vit3, "PromptSRC", B2N, *extra))
-    monkeypatch.setattr(cls, "after_epoch", after_epoch)
-    assert main(method_argv(data_root, part, tiny_vit3, "PromptSRC", B2N, *extra)) == 0
+    argv = method_argv(data_root, part, tiny_vit3, "PromptSRC", B2N, *extra)
+    assert killed_then_resumed(monkeypatch, on_host(PromptSRC), lambda: main(argv)) == 0
 
     resumed = max(glob.glob(os.path.join(part, "log.txt-*")))
     assert (
