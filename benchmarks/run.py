@@ -334,22 +334,43 @@ def build_cocoop(
 
 
 def _build_method(plan, clip_model, shape, classnames, fast, custom_clip, node, opts, extra=()):
-    from coop.config import get_cfg_default
     from coop.optim import build_optimizer
+
+    cfg = _method_cfg(plan, shape, fast, node, opts, extra)
+
+    def learnable(name: str) -> bool:
+        return "prompt_learner" in name
+
+    model = _build_model(plan, clip_model, custom_clip, cfg, classnames, learnable)
+    model.eval()
+    model.prompt_learner.train()
+    optim = build_optimizer(model.prompt_learner, cfg.OPTIM)
+    return model, optim
+
+
+def _method_cfg(plan, shape, fast, node, opts=None, extra=()):
+    """The frozen config of a method's model at ``shape``: its node ``TRAINER.<node>`` in
+    the plan's precision with ``opts``; on the fast path the plan's ``--fast-opt`` and the
+    case's ``extra`` options."""
+    from coop.config import get_cfg_default, merge_from_list
 
     cfg = get_cfg_default()
     cfg.INPUT.SIZE = (shape.resolution, shape.resolution)
     cfg.FAST.ENABLED = fast
     cfg.TRAINER[node].PREC = plan.prec
-    for key, value in opts.items():
+    for key, value in (opts or {}).items():
         cfg.TRAINER[node][key] = value
     if fast and (plan.fast_opts or extra):
-        from coop.config import merge_from_list
-
         merge_from_list(cfg, list(plan.fast_opts), where="--fast-opt")
         merge_from_list(cfg, list(extra), where="the benchmark case")
     cfg.freeze()
-    # the prompt learner embeds its tokens on the CPU (the trainer builds before .to(device))
+    return cfg
+
+
+def _build_model(plan, clip_model, custom_clip, cfg, classnames, learnable):
+    """``custom_clip(cfg, classnames, clip_model)`` built as its trainer builds it (the
+    prompt learner embeds its tokens on the CPU, before ``.to(device)``; the random stream
+    left as it was), the parameters whose name ``learnable`` refuses frozen, on the device."""
     emb = clip_model.token_embedding
     emb.to("cpu")
     try:
@@ -358,13 +379,9 @@ def _build_method(plan, clip_model, shape, classnames, fast, custom_clip, node, 
     finally:
         emb.to(plan.device)
     for name, param in model.named_parameters():
-        if "prompt_learner" not in name:
+        if not learnable(name):
             param.requires_grad_(False)
-    model.to(plan.device)
-    model.eval()
-    model.prompt_learner.train()
-    optim = build_optimizer(model.prompt_learner, cfg.OPTIM)
-    return model, optim
+    return model.to(plan.device)
 
 
 def batch_for(plan: Plan, shape: Shape, n: int, n_cls: int):
@@ -657,6 +674,16 @@ def case_train_step(plan: Plan, models: _Models, large: bool) -> Dict[str, Any]:
     return {"rows": rows, "times": info}
 
 
+def speedup_row(
+    case: str, setting: str, t: Dict[str, Any], target: Tuple[str, float], note: str, info: Dict
+) -> Dict[str, Any]:
+    """The row of ``bench``'s timings ``t`` of "plain" against "fast" at ``setting``; every
+    timing's details go to ``info[setting]``."""
+    info[setting] = {n: v[1] for n, v in t.items()}
+    tp, tf = t["plain"][0], t["fast"][0]
+    return row(case, setting, tp, tf, tp / tf, target, note=note)
+
+
 def _extrapolated_plain(plan: Plan, key: str, n_cls: int, fast: float) -> str:
     """An estimate (never judged) of a plain step that cannot run here: its text side grows
     linearly with the class count, so scale the measured 100-class plain text side."""
@@ -763,27 +790,15 @@ def case_eval_1000(plan: Plan, models: _Models) -> Dict[str, Any]:
 def build_deep(plan: Plan, clip_model, shape: Shape, classnames: Sequence[str], fast: bool):
     """MaPLe's ``CustomCLIP`` through the real class (prompt depth 9), trained as the MaPLe
     trainer trains it; returns (model, optimizer over the whole model)."""
-    from coop.config import get_cfg_default, merge_from_list
     from coop.optim import build_optimizer
     from coop.trainers.maple import CustomCLIP, MaPLe
 
-    cfg = get_cfg_default()
-    cfg.INPUT.SIZE = (shape.resolution, shape.resolution)
-    cfg.FAST.ENABLED = fast
-    cfg.TRAINER.MAPLE.PREC = plan.prec
-    if fast and plan.fast_opts:
-        merge_from_list(cfg, list(plan.fast_opts), where="--fast-opt")
-    cfg.freeze()
-    emb = clip_model.token_embedding  # the prompt learner embeds its tokens on the CPU
-    emb.to("cpu")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            model = CustomCLIP(cfg, list(classnames), clip_model)
-    finally:
-        emb.to(plan.device)
-    for name, param in model.named_parameters():
-        param.requires_grad_(MaPLe.is_learnable(None, name))
-    model.to(plan.device)
+    cfg = _method_cfg(plan, shape, fast, "MAPLE")
+
+    def learnable(name: str) -> bool:
+        return MaPLe.is_learnable(None, name)
+
+    model = _build_model(plan, clip_model, CustomCLIP, cfg, classnames, learnable)
     return model, build_optimizer(model, cfg.OPTIM)
 
 
@@ -806,14 +821,12 @@ def case_deep_prompts(plan: Plan) -> Dict[str, Any]:
         },
         desc=f"deep_prompts step {shape.name}",
     )
-    tp, tf = t["plain"][0], t["fast"][0]
     setting = f"MaPLe {shape.name} {plan.n_small} cls step b{shape.batch}"
-    rows.append(
-        row("deep_prompts", setting, tp, tf, tp / tf, (">=", 1.0),
-            note="text side over the positions up to the last end-of-text token (fast) "
-            "against all 77 (plain); both towers prompted at layers 0-8")
-    )  # fmt: skip
-    info[setting] = {n: v[1] for n, v in t.items()}
+    note = (
+        "text side over the positions up to the last end-of-text token (fast) against all "
+        "77 (plain); both towers prompted at layers 0-8"
+    )
+    rows.append(speedup_row("deep_prompts", setting, t, (">=", 1.0), note, info))
 
     mp.eval(), mf.eval()
     test_images, _ = batch_for(plan, shape, shape.test_batch, plan.n_small)
@@ -830,14 +843,12 @@ def case_deep_prompts(plan: Plan) -> Dict[str, Any]:
                 mf(test_images).argmax(dim=1)
 
     t = bench(plan, {"plain": plain, "fast": fast}, desc=f"deep_prompts eval {shape.name}")
-    tp, tf = t["plain"][0], t["fast"][0]
     setting = f"MaPLe {shape.name} {plan.n_small} cls eval {nb}x{shape.test_batch}"
-    rows.append(
-        row("deep_prompts", setting, tp, tf, tp / tf, (">=", 1.0),
-            note="text features once per evaluation, truncated (fast), against once per "
-            "batch over 77 positions (plain); the prompted image encoder runs in both")
-    )  # fmt: skip
-    info[setting] = {n: v[1] for n, v in t.items()}
+    note = (
+        "text features once per evaluation, truncated (fast), against once per batch over 77 "
+        "positions (plain); the prompted image encoder runs in both"
+    )
+    rows.append(speedup_row("deep_prompts", setting, t, (">=", 1.0), note, info))
     return {"rows": rows, "times": info}
 
 
@@ -873,21 +884,12 @@ def case_cocoop(plan: Plan, models: _Models) -> Dict[str, Any]:
         },
         desc=f"cocoop train {shape.name}",
     )
-    tp, tf, ti = t["plain"][0], t["fast"][0], t["image"][0]
     setting = f"{shape.name} {n_cls} cls train b1"
-    info[setting] = {n: v[1] for n, v in t.items()}
-    rows.append(
-        row(
-            "cocoop",
-            setting,
-            tp,
-            tf,
-            tp / tf,
-            (">=", COCOOP_TARGET),
-            note=f"text mode {mf.text_encoder.text_mode}; the image forward alone "
-            f"{_fmt_amount(ti, 's')}",
-        )
+    note = (
+        f"text mode {mf.text_encoder.text_mode}; the image forward alone "
+        f"{_fmt_amount(t['image'][0], 's')}"
     )
+    rows.append(speedup_row("cocoop", setting, t, (">=", COCOOP_TARGET), note, info))
 
     images, _ = batch_for(plan, shape, shape.test_batch, n_cls)
     per_pass = mf.text_encoder.images_per_pass(shape.test_batch, plan.device.type)
@@ -911,23 +913,13 @@ def case_cocoop(plan: Plan, models: _Models) -> Dict[str, Any]:
         reps=min(plan.reps, 3),
         desc=f"cocoop eval {shape.name}",
     )
-    tp, tf, ti = t["plain"][0], t["fast"][0], t["image"][0]
     setting = f"{shape.name} {n_cls} cls eval b{shape.test_batch}"
-    info[setting] = {n: v[1] for n, v in t.items()}
-    rows.append(
-        row(
-            "cocoop",
-            setting,
-            tp,
-            tf,
-            tp / tf,
-            (">=", COCOOP_TARGET),
-            note=f"{per_pass} images per text pass (at most {budget or 'all'} prompts); "
-            f"truncated at one image per pass "
-            f"{_fmt_amount(t['one_per_pass'][0], 's')}; the image forward alone "
-            f"{_fmt_amount(ti, 's')}",
-        )
+    note = (
+        f"{per_pass} images per text pass (at most {budget or 'all'} prompts); truncated at "
+        f"one image per pass {_fmt_amount(t['one_per_pass'][0], 's')}; the image forward "
+        f"alone {_fmt_amount(t['image'][0], 's')}"
     )
+    rows.append(speedup_row("cocoop", setting, t, (">=", COCOOP_TARGET), note, info))
     return {"rows": rows, "times": info}
 
 

@@ -505,8 +505,16 @@ class TextEncoder(nn.Module):
 # and every class. With no prompts both towers compute exactly what CLIP computes.
 
 
-def _layer_prompt(deep: Sequence[Optional[torch.Tensor]], i: int) -> Optional[torch.Tensor]:
+def layer_prompt(deep: Sequence[Optional[torch.Tensor]], i: int) -> Optional[torch.Tensor]:
+    """The prompt of block ``i`` in a ``deep`` list (None: none)."""
     return deep[i] if i < len(deep) else None
+
+
+def check_text_deep(deep: Sequence[Optional[torch.Tensor]]) -> None:
+    """Refuse a text-side ``deep`` list with a layer-0 prompt (it belongs in the prompt
+    embeddings)."""
+    if deep and deep[0] is not None:
+        raise ValueError("the text side's layer-0 prompt is part of the prompt embeddings")
 
 
 def replace_text_prompt(x: torch.Tensor, prompt: torch.Tensor, seq_dim: int) -> torch.Tensor:
@@ -534,12 +542,11 @@ class DeepTextEncoder(TextEncoder):
         tokenized_prompts: torch.Tensor,
         deep: Sequence[Optional[torch.Tensor]] = (),
     ) -> torch.Tensor:
-        if deep and deep[0] is not None:
-            raise ValueError("the text side's layer-0 prompt is part of the prompt embeddings")
+        check_text_deep(deep)
         x = prompts + self.positional_embedding.type(self.dtype)
         x = x.permute(1, 0, 2)  # NLD -> LND
         for i, block in enumerate(self.transformer.resblocks):
-            prompt = _layer_prompt(deep, i)
+            prompt = layer_prompt(deep, i)
             if prompt is not None:
                 x = replace_text_prompt(x, prompt, seq_dim=0)
             x = block(x)
@@ -565,13 +572,13 @@ def encode_image_deep(
     )
     x = torch.cat([cls, x], dim=1)  # (B, grid² + 1, W)
     x = x + visual.positional_embedding.to(x.dtype)
-    first = _layer_prompt(deep, 0)
+    first = layer_prompt(deep, 0)
     if first is not None:
         x = torch.cat([x, first.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
     x = visual.ln_pre(x)
     x = x.permute(1, 0, 2)  # NLD -> LND
     for i, block in enumerate(visual.transformer.resblocks):
-        prompt = _layer_prompt(deep, i) if i else None
+        prompt = layer_prompt(deep, i) if i else None
         if prompt is not None:
             p = prompt.to(x.dtype).unsqueeze(1).expand(-1, x.shape[1], -1)
             x = torch.cat([x[: x.shape[0] - prompt.shape[0]], p], dim=0)

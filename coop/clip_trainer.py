@@ -22,8 +22,9 @@ A method subclass provides:
   (its parameters chosen by ``is_learnable`` are trained, the rest frozen);
 - ``image_features(images)`` / ``logits_from_features(features)`` such that
   ``logits_from_features(image_features(x))`` is what ``model_inference(x)`` computes (the
-  feature caches use them); ``image_encoder_frozen = False`` where the image encoder learns
-  (no cached image features are then ever used);
+  feature caches use them; default: the model's ``encode_image`` and ``logits``);
+  ``image_encoder_frozen = False`` where the image encoder learns (no cached image features
+  are then ever used);
 - optionally ``train_output(image, features)`` (default: the logits) and
   ``compute_loss(output, label)`` on it (default: cross-entropy), ``train_step`` (a step
   other than one backward pass of one loss), ``check_cfg(cfg)``,
@@ -392,10 +393,13 @@ class CLIPTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The image features the logits are computed from (default: the model's
+        ``encode_image``)."""
+        return self.model.encode_image(images)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The logits (B, n_cls) of image features (default: the model's ``logits``)."""
+        return self.model.logits(features)
 
     def model_inference(self, input: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -449,6 +453,18 @@ class CLIPTrainer:
     # ------------------------------------------------------------------ training cache
     def train_cache_enabled(self) -> bool:
         return bool(self.cfg.FAST.TRAIN_FEATURE_CACHE)
+
+
+def check_input_size(cfg: Any, clip_model: nn.Module) -> None:
+    """Stop with a ValueError when ``INPUT.SIZE`` is not the loaded CLIP's input resolution
+    (a prompt learner's first check, as the originals make it)."""
+    clip_imsize = clip_model.visual.input_resolution
+    if cfg.INPUT.SIZE[0] != clip_imsize:
+        raise ValueError(
+            f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} does not match the input resolution "
+            f"{clip_imsize} of the CLIP backbone '{cfg.MODEL.BACKBONE.NAME}'; "
+            f"set INPUT.SIZE ({clip_imsize}, {clip_imsize})"
+        )
 
 
 def compute_accuracy(output: torch.Tensor, target: torch.Tensor) -> float:

@@ -81,3 +81,12 @@ def tiny_rn(tmp_path_factory):
     from coop.testing.tiny_clip import save_tiny_clip
 
     return save_tiny_clip(str(tmp_path_factory.mktemp("clip") / "tiny_rn.pt"), arch="resnet")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit3(tmp_path_factory):
+    """A tiny ViT CLIP with 3 blocks per tower (deep prompts at layers 0..2)."""
+    from coop.testing.tiny_clip import save_tiny_clip
+
+    path = str(tmp_path_factory.mktemp("clip") / "tiny_vit3.pt")
+    return save_tiny_clip(path, "vit", vision_layers=3, text_layers=3)

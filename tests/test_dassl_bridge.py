@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers_train import coop_argv, loss_lines
+from helpers_train import coop_argv, killed_then_resumed, loss_lines
 from yacs.config import CfgNode as CN
 
 from coop.train import main
@@ -342,21 +342,8 @@ def test_a_killed_dassl_run_resumes_with_the_same_learning_rates(
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert main(["--engine", "dassl", *_short(data_root, full, tiny_vit, *extra)]) == 0
 
-    class Killed(Exception):
-        pass
-
-    after_epoch = cls.after_epoch
-
-    def after_epoch_then_kill(self):
-        after_epoch(self)
-        if self.epoch == 1:
-            raise Killed
-
-    monkeypatch.setattr(cls, "after_epoch", after_epoch_then_kill)
-    with pytest.raises(Killed):
-        main(["--engine", "dassl", *_short(data_root, part, tiny_vit, *extra)])
-    monkeypatch.setattr(cls, "after_epoch", after_epoch)
-    assert main(["--engine", "dassl", *_short(data_root, part, tiny_vit, *extra)]) == 0
+    argv = ["--engine", "dassl", *_short(data_root, part, tiny_vit, *extra)]
+    assert killed_then_resumed(monkeypatch, cls, lambda: main(argv)) == 0
 
     def lrs(lines):
         return [ln.split()[-1] for ln in lines]  # epoch [e/4] ... lr X, per batch

@@ -11,14 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_train import coop_argv, read_results
+from helpers_train import build_from_argv, coop_node_argv, read_results, step_summaries
 from torch import nn
 
 from coop.clip_adapter import load_clip, tokenize
 from coop.config import CN, ConfigError, get_cfg_default, merge_from_file
-from coop.hosts import on_host
 from coop.io import CheckpointError
-from coop.train import build_parser, main, setup_cfg
+from coop.train import main
 from coop.trainers.coop import CoOp
 from coop.trainers.kgcoop import TEMPLATES, KgCoOp, KgCoOpCLIP, knowledge_score
 
@@ -26,15 +25,11 @@ YAML = "configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml"
 
 
 def _argv(root, out, ckpt, *opts):
-    argv = coop_argv(root, out, ckpt, 1, 4, "DATALOADER.TRAIN_X.BATCH_SIZE", "8", *opts)
-    argv[argv.index("--trainer") + 1] = "KgCoOp"
-    argv[argv.index("--config-file") + 1] = YAML
-    return argv
+    return coop_node_argv(root, out, ckpt, "KgCoOp", YAML, *opts)
 
 
 def _trainer(root, ckpt, tmp_path, *opts):
-    cfg = setup_cfg(build_parser().parse_args(_argv(root, str(tmp_path / "o"), ckpt, *opts)))
-    return on_host(KgCoOp)(cfg)
+    return build_from_argv(KgCoOp, _argv(root, str(tmp_path / "o"), ckpt, *opts))
 
 
 def _encode(ckpt, texts):
@@ -228,13 +223,10 @@ def test_fast_text_path_gives_the_plain_paths_losses(data_root, tiny_vit, tmp_pa
     assert trainers["True"].model.text_mode == "shared_prefix"
     assert trainers["False"].model.text_mode == "plain"
     batches = list(trainers["True"].train_loader_x)[:3]
-    losses = {}
-    for fast, trainer in trainers.items():
-        trainer.num_batches = len(batches) + 1  # no LR step in between
-        losses[fast] = []
-        for i, batch in enumerate(batches):
-            trainer.batch_idx = i
-            losses[fast].append(trainer.forward_backward(batch)["loss"])
+    losses = {
+        fast: [s["loss"] for s in step_summaries(trainer, batches)]
+        for fast, trainer in trainers.items()
+    }
     assert losses["True"] == pytest.approx(losses["False"], rel=1e-5)
     ctx = [t.model.prompt_learner.ctx.detach() for t in trainers.values()]
     assert torch.allclose(*ctx, atol=1e-6)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_train import method_argv, read_results
+from helpers_train import build_from_argv, method_argv, read_results
 
 from coop.clip_adapter import import_clip, tokenize
 from coop.config import ConfigError, get_cfg_default, merge_from_file
@@ -21,22 +21,9 @@ B2N = "vit_b16_c2_ep5_batch4_2ctx"
 XD = "vit_b16_c2_ep5_batch4_2ctx_cross_datasets"
 
 
-@pytest.fixture(scope="module")
-def clip3(tmp_path_factory):
-    """A tiny ViT CLIP with 3 blocks per tower (prompts at layers 0..2)."""
-    from coop.testing.tiny_clip import save_tiny_clip
-
-    path = str(tmp_path_factory.mktemp("clip") / "tiny3.pt")
-    return save_tiny_clip(path, "vit", vision_layers=3, text_layers=3)
-
-
 def _trainer(root, ckpt, out, *extra):
-    from coop.hosts import on_host
-    from coop.utils import set_random_seed
-
-    set_random_seed(1)  # as coop-train seeds a run
     argv = method_argv(root, out, ckpt, "MaPLe", B2N, "TRAINER.MAPLE.PROMPT_DEPTH", "3", *extra)
-    return on_host(MaPLe)(setup_cfg(build_parser().parse_args(argv)))
+    return build_from_argv(MaPLe, argv, seed=1)
 
 
 def _vit_b16_shape():
@@ -86,10 +73,10 @@ def test_parameter_count_at_vit_b16_shape():
     assert tuple(learner.compound_prompts_text[0].shape) == (2, 512)
 
 
-def test_prompt_learner_draws_and_layout_like_the_original(data_root, clip3):
+def test_prompt_learner_draws_and_layout_like_the_original(data_root, tiny_vit3):
     from coop.clip_adapter import load_clip
 
-    clip_model = load_clip(clip3).float()
+    clip_model = load_clip(tiny_vit3).float()
     cfg = get_cfg_default()
     cfg.INPUT.SIZE = (32, 32)
     cfg.TRAINER.MAPLE.PROMPT_DEPTH = 3
@@ -116,8 +103,8 @@ def test_prompt_learner_draws_and_layout_like_the_original(data_root, clip3):
     assert torch.allclose(vision[2], learner.compound_prompt_projections[1](prompts[1]))
 
 
-def test_only_the_prompt_learner_trains_and_frozen_weights_stay_put(data_root, clip3, tmp_path):
-    trainer = _trainer(data_root, clip3, str(tmp_path / "o"), "OPTIM.WEIGHT_DECAY", "0.1")
+def test_only_the_prompt_learner_trains_and_frozen_weights_stay_put(data_root, tiny_vit3, tmp_path):
+    trainer = _trainer(data_root, tiny_vit3, str(tmp_path / "o"), "OPTIM.WEIGHT_DECAY", "0.1")
     model = trainer.model
     assert trainer.get_model_names() == ["MultiModalPromptLearner"]
     assert trainer._models["MultiModalPromptLearner"] is model  # the whole CustomCLIP
@@ -148,8 +135,8 @@ def test_only_the_prompt_learner_trains_and_frozen_weights_stay_put(data_root, c
             assert p.grad is None and torch.equal(p.detach(), before[name]), name
 
 
-def test_image_features_change_with_the_prompts(data_root, clip3, tmp_path):
-    trainer = _trainer(data_root, clip3, str(tmp_path / "o"))
+def test_image_features_change_with_the_prompts(data_root, tiny_vit3, tmp_path):
+    trainer = _trainer(data_root, tiny_vit3, str(tmp_path / "o"))
     assert MaPLe.image_encoder_frozen is False and not trainer.eval_cache_enabled()
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -158,11 +145,11 @@ def test_image_features_change_with_the_prompts(data_root, clip3, tmp_path):
         assert not torch.allclose(before, trainer.model.encode_image(image))
 
 
-def test_fast_paths_give_the_plain_numbers_and_text_features_once(data_root, clip3, tmp_path):
+def test_fast_paths_give_the_plain_numbers_and_text_features_once(data_root, tiny_vit3, tmp_path):
     losses, logits = {}, {}
     for fast in ("True", "False"):
         trainer = _trainer(
-            data_root, clip3, str(tmp_path / fast), "FAST.ENABLED", fast,
+            data_root, tiny_vit3, str(tmp_path / fast), "FAST.ENABLED", fast,
             "DATALOADER.TEST.BATCH_SIZE", "25",
         )  # fmt: skip
         calls = []
@@ -185,7 +172,7 @@ def _gen():
     return torch.Generator().manual_seed(3)
 
 
-def test_a_run_and_its_eval_only_reload_give_the_same_accuracy(data_root, clip3, tmp_path):
+def test_a_run_and_its_eval_only_reload_give_the_same_accuracy(data_root, tiny_vit3, tmp_path):
     out = str(tmp_path / "train")
     extra = (
         "OPTIM.MAX_EPOCH",
@@ -195,7 +182,7 @@ def test_a_run_and_its_eval_only_reload_give_the_same_accuracy(data_root, clip3,
         "DATALOADER.TEST.BATCH_SIZE",
         "25",
     )
-    assert main(method_argv(data_root, out, clip3, "MaPLe", B2N, *extra, shots=2)) == 0
+    assert main(method_argv(data_root, out, tiny_vit3, "MaPLe", B2N, *extra, shots=2)) == 0
     ckpt = os.path.join(out, "MultiModalPromptLearner", "model.pth.tar-1")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert "image_encoder.conv1.weight" in state and "prompt_learner.ctx" in state
@@ -203,14 +190,14 @@ def test_a_run_and_its_eval_only_reload_give_the_same_accuracy(data_root, clip3,
     assert "prompt_learner.token_prefix" in state  # saved, rebuilt on loading
     ev = str(tmp_path / "eval")
     argv = ["--eval-only", "--model-dir", out, "--load-epoch", "1"]
-    assert main([*argv, *method_argv(data_root, ev, clip3, "MaPLe", B2N, *extra)]) == 0
+    assert main([*argv, *method_argv(data_root, ev, tiny_vit3, "MaPLe", B2N, *extra)]) == 0
     trained, reloaded = read_results(out), read_results(ev)
     assert reloaded["metrics"]["accuracy"] == trained["metrics"]["accuracy"]
     assert reloaded["total"] == 60
 
 
-def test_a_checkpoint_of_another_shape_is_one_clear_error(data_root, clip3, tmp_path):
-    trainer = _trainer(data_root, clip3, str(tmp_path / "o"))
+def test_a_checkpoint_of_another_shape_is_one_clear_error(data_root, tiny_vit3, tmp_path):
+    trainer = _trainer(data_root, tiny_vit3, str(tmp_path / "o"))
     state = trainer.model.state_dict()
     state["prompt_learner.ctx"] = torch.zeros(4, 64)
     with pytest.raises(CheckpointError, match="'prompt_learner.ctx' has shape \\(4, 64\\) there"):
@@ -231,8 +218,8 @@ def test_a_checkpoint_of_another_shape_is_one_clear_error(data_root, clip3, tmp_
         ("FAST.TRAIN_FEATURE_CACHE", "True", "trains its image encoder"),
     ],
 )
-def test_bad_config_is_one_clear_error(data_root, clip3, tmp_path, key, value, message):
-    argv = method_argv(data_root, str(tmp_path / "o"), clip3, "MaPLe", B2N, key, value)
+def test_bad_config_is_one_clear_error(data_root, tiny_vit3, tmp_path, key, value, message):
+    argv = method_argv(data_root, str(tmp_path / "o"), tiny_vit3, "MaPLe", B2N, key, value)
     with pytest.raises(ConfigError, match=message):
         setup_cfg(build_parser().parse_args(argv))
 

@@ -11,7 +11,13 @@ import types
 
 import pytest
 import torch
-from helpers_train import loss_lines, method_argv, read_results
+from helpers_train import (
+    build_from_argv,
+    killed_then_resumed,
+    loss_lines,
+    method_argv,
+    read_results,
+)
 
 from coop.clip_adapter import import_clip
 from coop.config import ConfigError, get_cfg_default, merge_from_file
@@ -24,22 +30,9 @@ XD = "vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets"
 FEW = "vit_b16_c2_ep50_batch4_4+4ctx_few_shot"
 
 
-@pytest.fixture(scope="module")
-def clip3(tmp_path_factory):
-    """A tiny ViT CLIP with 3 blocks per tower (prompts at layers 0..2)."""
-    from coop.testing.tiny_clip import save_tiny_clip
-
-    path = str(tmp_path_factory.mktemp("clip") / "tiny3.pt")
-    return save_tiny_clip(path, "vit", vision_layers=3, text_layers=3)
-
-
 def _trainer(root, ckpt, out, *extra):
-    from coop.hosts import on_host
-    from coop.utils import set_random_seed
-
-    set_random_seed(1)  # as coop-train seeds a run
     argv = method_argv(root, out, ckpt, "PromptSRC", B2N, "DATASET.NUM_SHOTS", "2", *extra)
-    return on_host(PromptSRC)(setup_cfg(build_parser().parse_args(argv)))
+    return build_from_argv(PromptSRC, argv, seed=1)
 
 
 def test_config_defaults_are_the_originals_and_ours_keep_them():
@@ -103,8 +96,8 @@ def test_parameter_count_at_vit_b16_shape(monkeypatch):
     assert "image_encoder.transformer.resblocks.9.VPT_shallow" not in trained
 
 
-def test_what_trains_and_that_frozen_weights_stay_put(data_root, clip3, tmp_path):
-    trainer = _trainer(data_root, clip3, str(tmp_path / "o"), "OPTIM.WEIGHT_DECAY", "0.1")
+def test_what_trains_and_that_frozen_weights_stay_put(data_root, tiny_vit3, tmp_path):
+    trainer = _trainer(data_root, tiny_vit3, str(tmp_path / "o"), "OPTIM.WEIGHT_DECAY", "0.1")
     model = trainer.model
     assert trainer.get_model_names() == ["VLPromptLearner"]
     assert trainer._models["VLPromptLearner"] is model
@@ -184,9 +177,9 @@ def test_gpa_weights_are_a_normalised_gaussian_over_the_epochs():
 
 
 @pytest.mark.parametrize("all_weights", [True, False])
-def test_gpa_aggregates_a_hand_made_sequence(data_root, clip3, tmp_path, all_weights):
+def test_gpa_aggregates_a_hand_made_sequence(data_root, tiny_vit3, tmp_path, all_weights):
     trainer = _trainer(
-        data_root, clip3, str(tmp_path / "o"), "OPTIM.MAX_EPOCH", "3",
+        data_root, tiny_vit3, str(tmp_path / "o"), "OPTIM.MAX_EPOCH", "3",
         "TRAINER.PROMPTSRC.GPA_MEAN", "2", "TRAINER.PROMPTSRC.GPA_STD", "2",
         "TRAINER.PROMPTSRC.GPA_ALL_WEIGHTS", str(all_weights),
     )  # fmt: skip
@@ -213,29 +206,15 @@ def test_gpa_aggregates_a_hand_made_sequence(data_root, clip3, tmp_path, all_wei
     assert torch.allclose(frozen.detach(), frozen_value, rtol=1e-6, atol=1e-7)
 
 
-def test_a_killed_run_resumes_to_the_same_gpa_model(data_root, clip3, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_to_the_same_gpa_model(data_root, tiny_vit3, tmp_path, monkeypatch):
     from coop.hosts import on_host
 
     extra = ("OPTIM.MAX_EPOCH", "3", "DATASET.NUM_SHOTS", "1", "TRAINER.PROMPTSRC.GPA_MEAN", "2")
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    assert main(method_argv(data_root, full, clip3, "PromptSRC", B2N, *extra)) == 0
+    assert main(method_argv(data_root, full, tiny_vit3, "PromptSRC", B2N, *extra)) == 0
 
-    class Killed(Exception):
-        pass
-
-    cls = on_host(PromptSRC)
-    after_epoch = cls.after_epoch
-
-    def after_epoch_then_kill(self):
-        after_epoch(self)
-        if self.epoch == 1:
-            raise Killed
-
-    monkeypatch.setattr(cls, "after_epoch", after_epoch_then_kill)
-    with pytest.raises(Killed):
-        main(method_argv(data_root, part, clip3, "PromptSRC", B2N, *extra))
-    monkeypatch.setattr(cls, "after_epoch", after_epoch)
-    assert main(method_argv(data_root, part, clip3, "PromptSRC", B2N, *extra)) == 0
+    argv = method_argv(data_root, part, tiny_vit3, "PromptSRC", B2N, *extra)
+    assert killed_then_resumed(monkeypatch, on_host(PromptSRC), lambda: main(argv)) == 0
 
     resumed = max(glob.glob(os.path.join(part, "log.txt-*")))
     assert (
@@ -252,22 +231,22 @@ def test_a_killed_run_resumes_to_the_same_gpa_model(data_root, clip3, tmp_path, 
     assert read_results(full)["metrics"] == read_results(part)["metrics"]
 
 
-def test_a_run_and_its_eval_only_reload_give_the_same_accuracy(data_root, clip3, tmp_path):
+def test_a_run_and_its_eval_only_reload_give_the_same_accuracy(data_root, tiny_vit3, tmp_path):
     out = str(tmp_path / "train")
     extra = ("OPTIM.MAX_EPOCH", "1", "DATASET.NUM_SHOTS", "1")
-    assert main(method_argv(data_root, out, clip3, "PromptSRC", B2N, *extra)) == 0
+    assert main(method_argv(data_root, out, tiny_vit3, "PromptSRC", B2N, *extra)) == 0
     log = open(os.path.join(out, "log.txt"), encoding="utf-8").read()
     assert "Using GPA model for final inference..." in log
     ev = str(tmp_path / "eval")
     argv = ["--eval-only", "--model-dir", out, "--load-epoch", "1"]
-    assert main([*argv, *method_argv(data_root, ev, clip3, "PromptSRC", B2N, *extra)]) == 0
+    assert main([*argv, *method_argv(data_root, ev, tiny_vit3, "PromptSRC", B2N, *extra)]) == 0
     assert read_results(ev)["metrics"]["accuracy"] == read_results(out)["metrics"]["accuracy"]
 
 
-def test_text_features_once_per_evaluation_give_the_plain_numbers(data_root, clip3, tmp_path):
+def test_text_features_once_per_evaluation_give_the_plain_numbers(data_root, tiny_vit3, tmp_path):
     logits = {}
     for fast in ("True", "False"):
-        trainer = _trainer(data_root, clip3, str(tmp_path / fast), "FAST.ENABLED", fast)
+        trainer = _trainer(data_root, tiny_vit3, str(tmp_path / fast), "FAST.ENABLED", fast)
         calls = []
         trainer.model.text_encoder.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         trainer.set_model_mode("eval")
@@ -286,7 +265,7 @@ def test_text_features_once_per_evaluation_give_the_plain_numbers(data_root, cli
         ("FAST.TRAIN_FEATURE_CACHE", "True", "trains its image encoder"),
     ],
 )
-def test_bad_config_is_one_clear_error(data_root, clip3, tmp_path, key, value, message):
-    argv = method_argv(data_root, str(tmp_path / "o"), clip3, "PromptSRC", B2N, key, value)
+def test_bad_config_is_one_clear_error(data_root, tiny_vit3, tmp_path, key, value, message):
+    argv = method_argv(data_root, str(tmp_path / "o"), tiny_vit3, "PromptSRC", B2N, key, value)
     with pytest.raises(ConfigError, match=message):
         setup_cfg(build_parser().parse_args(argv))

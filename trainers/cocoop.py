@@ -134,12 +134,6 @@ class CoCoOp(CLIPTrainer):
     def after_model_built(self) -> None:
         self.model.text_encoder.log_setup(self.device)
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
-
-    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(features)
-
     def check_checkpoint(self, state_dict, path: str) -> None:
         """The learned context must fit the number of context tokens and (for a named
         backbone) the text width."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from coop import fast
 from coop.clip_adapter import token_length, tokenize
-from coop.clip_trainer import CLIPTrainer
+from coop.clip_trainer import CLIPTrainer, check_input_size
 from coop.config import CN, ConfigError
 from coop.io import CheckpointError
 from coop.registry import TRAINER_REGISTRY
@@ -39,14 +39,7 @@ class PromptLearner(nn.Module):
         self.opts = opts
         n_cls = len(classnames)
         dtype = clip_model.dtype
-        clip_imsize = clip_model.visual.input_resolution
-        cfg_imsize = cfg.INPUT.SIZE[0]
-        if cfg_imsize != clip_imsize:
-            raise ValueError(
-                f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} does not match the input resolution "
-                f"{clip_imsize} of the CLIP backbone '{cfg.MODEL.BACKBONE.NAME}'; "
-                f"set INPUT.SIZE ({clip_imsize}, {clip_imsize})"
-            )
+        check_input_size(cfg, clip_model)
 
         ctx_vectors, prompt_prefix = self.init_context(cfg, n_cls, clip_model)
         n_ctx = ctx_vectors.shape[-2]
@@ -278,12 +271,6 @@ class CoOp(CLIPTrainer):
 
     def after_model_built(self) -> None:
         self.model.text_encoder.log_setup(self.device)
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
-
-    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(features)
 
     def evaluation_scope(self):
         return self.model.frozen_text_features()  # the original recomputes them per batch

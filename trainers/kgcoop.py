@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coop.clip_adapter import tokenize
 from coop.config import ConfigError
 from coop.fast import load_clip_for
 from coop.registry import TRAINER_REGISTRY
 from coop.trainers.coop import CoOp, CustomCLIP, PromptLearner
 from coop.trainers.templates import CUSTOM_TEMPLATES
+from coop.trainers.zsclip import class_text_features
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,7 @@ def hand_crafted_text_features(cfg, classnames: List[str], device: torch.device)
         clip_model.float()
     clip_model.to(device)
     template = TEMPLATES.get(cfg.DATASET.NAME, "a photo of a {}.")
-    prompts = [template.format(name.replace("_", " ")) for name in classnames]
-    logger.info(f"Prompts: {prompts}")
-    with torch.no_grad():
-        features = clip_model.encode_text(tokenize(prompts).to(device))
-    return features / features.norm(dim=-1, keepdim=True)
+    return class_text_features(clip_model, classnames, [template])
 
 
 class KgPromptLearner(PromptLearner):

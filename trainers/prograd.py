@@ -23,6 +23,7 @@ from coop.clip_trainer import EXTEND_HINT, compute_accuracy
 from coop.config import CN, ConfigError
 from coop.registry import TRAINER_REGISTRY
 from coop.trainers.coop import CoOp, CustomCLIP, PromptLearner
+from coop.trainers.zsclip import class_text_features
 
 logger = logging.getLogger(__name__)
 
@@ -112,11 +113,9 @@ class ZeroShotTeacher(nn.Module):
     ) -> None:
         super().__init__()
         clip_model.float().to(device)
-        prompts = [template_for(cfg.DATASET.NAME).format(c.replace("_", " ")) for c in classnames]
-        logger.info(f"Prompts: {prompts}")
-        with torch.no_grad():
-            text_features = clip_model.encode_text(tokenize(prompts).to(device))
-        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        text_features = class_text_features(
+            clip_model, classnames, [template_for(cfg.DATASET.NAME)]
+        )
         self.register_buffer("text_features", text_features, persistent=False)  # (n_cls, D)
         self.register_buffer("logit_scale", clip_model.logit_scale.detach(), persistent=False)
         self.image_encoder = (

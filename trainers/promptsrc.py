@@ -15,6 +15,7 @@ it by batch size x class count).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import List, NamedTuple
 
@@ -26,88 +27,48 @@ from torch import nn
 from coop import fast
 from coop.clip_adapter import (
     add_layer_prompts,
-    encode_image_deep,
     text_layer_prompts,
-    text_width,
-    tokenize,
     vision_layer_prompts,
 )
-from coop.clip_trainer import CLIPTrainer
 from coop.config import CN, ConfigError
+from coop.deep_prompts import DeepPromptCLIP, DeepPromptTrainer, TextContextLearner
 from coop.registry import TRAINER_REGISTRY
 from coop.trainers.templates import PROMPTSRC_TEMPLATES
+from coop.trainers.zsclip import class_text_features
 
 logger = logging.getLogger(__name__)
 
 
-class VLPromptLearner(nn.Module):
+class VLPromptLearner(TextContextLearner):
     """The text context of layer 0 and the frozen references: zero-shot CLIP's image encoder
     and its class text features averaged over the templates."""
 
     def __init__(self, cfg, classnames: List[str], clip_model: nn.Module, device) -> None:
-        super().__init__()
         opts = cfg.TRAINER.PROMPTSRC
-        n_cls = len(classnames)
-        n_ctx = opts.N_CTX_TEXT
-        ctx_init = opts.CTX_INIT
-        dtype = clip_model.dtype
-        clip_imsize = clip_model.visual.input_resolution
-        if cfg.INPUT.SIZE[0] != clip_imsize:
-            raise ValueError(
-                f"INPUT.SIZE {tuple(cfg.INPUT.SIZE)} does not match the input resolution "
-                f"{clip_imsize} of the CLIP backbone '{cfg.MODEL.BACKBONE.NAME}'; "
-                f"set INPUT.SIZE ({clip_imsize}, {clip_imsize})"
-            )
-        if ctx_init and n_ctx <= 4:
-            ctx_init = ctx_init.replace("_", " ")
-            with torch.no_grad():
-                embedding = clip_model.token_embedding(tokenize(ctx_init)).type(dtype)
-            ctx_vectors = embedding[0, 1 : 1 + n_ctx, :]
-            prompt_prefix = ctx_init
-        else:
-            ctx_vectors = torch.empty(n_ctx, text_width(clip_model), dtype=dtype)
-            nn.init.normal_(ctx_vectors, std=0.02)
-            prompt_prefix = " ".join(["X"] * n_ctx)
+        super().__init__(cfg, classnames, clip_model, opts.N_CTX_TEXT, opts.CTX_INIT)
         logger.info("Independent V-L design")
-        logger.info(f'Initial text context: "{prompt_prefix}"')
-        logger.info(f"Number of context words (tokens) for Language prompting: {n_ctx}")
+        logger.info(f'Initial text context: "{self.prompt_prefix}"')
+        logger.info(f"Number of context words (tokens) for Language prompting: {self.n_ctx}")
         logger.info(f"Number of context words (tokens) for Vision prompting: {opts.N_CTX_VISION}")
-        self.ctx = nn.Parameter(ctx_vectors)  # (n_ctx, D)
-
-        classnames = [name.replace("_", " ") for name in classnames]
-        prompts = [prompt_prefix + " " + name + "." for name in classnames]
-        tokenized_prompts = torch.cat([tokenize(p) for p in prompts])  # (n_cls, 77)
 
         # the frozen references: two more un-prompted CLIPs, loaded as the original loads
         # them (so the random stream advances alike); the text one computes in fp32
         text_clip = fast.load_clip_for(cfg).float().to(device)
         zs_clip = fast.load_clip_for(cfg)
-        if dtype == torch.float32:
+        if clip_model.dtype == torch.float32:
             zs_clip.float()
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokenized_prompts).type(dtype)
-            self.ZS_image_encoder = zs_clip.visual
-            per_template = []
-            for template in PROMPTSRC_TEMPLATES:
-                tokens = tokenize([template.replace("{}", name) for name in classnames])
-                features = fast.encode_text(cfg, text_clip, tokens)
-                per_template.append(features.unsqueeze(1))
-            # (n_cls, 512), fp32, unnormalised: the mean of the unnormalised features
-            fixed = torch.cat(per_template, dim=1).mean(dim=1)
+        self.ZS_image_encoder = zs_clip.visual
+        # (n_cls, 512), fp32, unnormalised: the mean of the unnormalised features
+        fixed = class_text_features(
+            text_clip,
+            classnames,
+            PROMPTSRC_TEMPLATES,
+            normalize=False,
+            encode=functools.partial(fast.encode_text, cfg, text_clip),
+        )
         del text_clip
         # a buffer only to move with the model; the original does not save it
         self.register_buffer("fixed_embeddings", fixed, persistent=False)
-        # saved in checkpoints as in the original, rebuilt from the class names on loading
-        self.register_buffer("token_prefix", embedding[:, :1, :])  # SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :, :])  # class, EOS
-        self.n_cls = n_cls
-        self.n_ctx = n_ctx
-        self.tokenized_prompts = tokenized_prompts
-
-    def forward(self) -> torch.Tensor:
-        """The text prompts of layer 0: [SOS, ctx, suffix], (n_cls, 77, D)."""
-        ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
-        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
 
 
 class TrainingOutput(NamedTuple):
@@ -121,41 +82,26 @@ class TrainingOutput(NamedTuple):
     zs_logits: torch.Tensor  # (B, n_cls), frozen CLIP
 
 
-class CustomCLIP(nn.Module):
+class CustomCLIP(DeepPromptCLIP):
     """CLIP with independent prompts in both towers (the vision prompts and the deeper text
     prompts live in CLIP's blocks, under the original's names: ``image_encoder.VPT``,
     ``*.resblocks.<i>.VPT_shallow``)."""
 
     def __init__(self, cfg, classnames: List[str], clip_model: nn.Module, device) -> None:
-        super().__init__()
         opts = cfg.TRAINER.PROMPTSRC
         add_layer_prompts(
             clip_model,
             opts.PROMPT_DEPTH_VISION, opts.N_CTX_VISION,
             opts.PROMPT_DEPTH_TEXT, opts.N_CTX_TEXT,
         )  # fmt: skip
-        self.prompt_learner = VLPromptLearner(cfg, classnames, clip_model, device)
-        self.tokenized_prompts = self.prompt_learner.tokenized_prompts
-        self.image_encoder = clip_model.visual
-        self.text_encoder = fast.deep_text_encoder(cfg, clip_model)
-        self.logit_scale = clip_model.logit_scale
-        self.dtype = clip_model.dtype
-        self.text_features = fast.OncePerEvaluation(self.encode_text)
+        learner = VLPromptLearner(cfg, classnames, clip_model, device)
+        super().__init__(cfg, clip_model, learner)
 
-    def encode_text(self) -> torch.Tensor:
-        """L2-normalised class text features of the prompts, (n_cls, embed_dim)."""
-        deep = text_layer_prompts(self.text_encoder.transformer)
-        features = self.text_encoder(self.prompt_learner(), self.tokenized_prompts, deep)
-        return features / features.norm(dim=-1, keepdim=True)
+    def text_prompts(self):
+        return self.prompt_learner(), text_layer_prompts(self.text_encoder.transformer)
 
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features of the prompted image encoder, (B, embed_dim)."""
-        deep = vision_layer_prompts(self.image_encoder)
-        features = encode_image_deep(self.image_encoder, image.type(self.dtype), deep)
-        return features / features.norm(dim=-1, keepdim=True)
-
-    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale.exp() * image_features @ self.text_features().t()
+    def vision_prompts(self):
+        return vision_layer_prompts(self.image_encoder)
 
     def forward(self, image: torch.Tensor):
         """Logits (B, n_cls); in training a :class:`TrainingOutput`."""
@@ -209,17 +155,12 @@ class GPASums(nn.Module):
 
 
 @TRAINER_REGISTRY.register()
-class PromptSRC(CLIPTrainer):
+class PromptSRC(DeepPromptTrainer):
     """PromptSRC: cross-entropy plus the three self-regulating constraints; the prompts of
     both towers are trained and averaged over the epochs with Gaussian weights."""
 
-    image_encoder_frozen = False
     model_name = "VLPromptLearner"
-    log_train_accuracy = False  # the original logs the loss only
-    # the class-name token buffers, rebuilt from the current class names (the original's
-    # load_model drops them); the original's checkpoints have no GPA sums
-    derived_state_keys = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
-    optional_state_prefixes = ("gpa.",)
+    optional_state_prefixes = ("gpa.",)  # the original's checkpoints have no GPA sums
     # scripts/promptsrc/: few_shot.sh (folders <dataset>/PromptSRC/<cfg>_<K>shots/seed<S>),
     # base2new_{train,test}.sh and xd_{train,test}.sh with CoCoOp's folders and arguments.
     # The xd scripts name "..._ep5_..._cross_datasets", a file the original does not ship;
@@ -336,13 +277,3 @@ class PromptSRC(CLIPTrainer):
             elif self.cfg.TRAINER.PROMPTSRC.GPA_ALL_WEIGHTS:
                 state[key] = gpa_sum(value, self.gpa_weights)
         return state
-
-    # ------------------------------------------------------------------ evaluation, loading
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
-
-    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(features)
-
-    def evaluation_scope(self):
-        return self.model.text_features.frozen()  # the original recomputes them per batch

@@ -4,9 +4,10 @@ seven-template ImageNet ensemble (``ZeroshotCLIP2``)."""
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import Callable, List, Optional, Sequence
 
 import torch
+from torch import nn
 
 from coop.clip_adapter import tokenize
 from coop.clip_trainer import CLIPTrainer
@@ -32,6 +33,43 @@ def ensemble_templates(dataset_name: str) -> List[str]:
     return templates
 
 
+def class_text_features(
+    clip_model: nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    normalize: bool = True,
+    encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """CLIP's class text features (n_cls, embed_dim) of the prompts ``templates`` (``{}`` =
+    class name, "_" read as a space), without gradients, in the model's dtype and on its
+    device. ``normalize``: each template's features L2-normalised and the mean of several
+    re-normalised (a prompt ensemble); else the plain mean of the unnormalised features.
+    ``encode``: token ids (n_cls, 77) on the host -> features (default: the model's own
+    ``encode_text`` on its device)."""
+    if encode is None:
+        device = clip_model.token_embedding.weight.device
+
+        def encode(tokens: torch.Tensor) -> torch.Tensor:
+            return clip_model.encode_text(tokens.to(device))
+
+    names = [name.replace("_", " ") for name in classnames]
+    if len(templates) == 1:
+        logger.info(f"Prompts: {[templates[0].format(name) for name in names]}")
+    feats = []
+    with torch.no_grad():
+        for template in templates:
+            features = encode(tokenize([template.format(name) for name in names]))
+            feats.append(features / features.norm(dim=-1, keepdim=True) if normalize else features)
+    if len(feats) == 1:
+        return feats[0]
+    # each original's own layout (a reduction over another dimension may round differently):
+    # the zero-shot ensemble stacks templates first, PromptSRC's references classes first
+    if normalize:
+        mean = torch.stack(feats).mean(dim=0)  # (T, n_cls, D) -> (n_cls, D)
+        return mean / mean.norm(dim=-1, keepdim=True)
+    return torch.stack(feats, dim=1).mean(dim=1)  # (n_cls, T, D) -> (n_cls, D)
+
+
 @TRAINER_REGISTRY.register()
 class ZeroshotCLIP(CLIPTrainer):
     """CLIP with one hand-written prompt per class; nothing is trained."""
@@ -44,36 +82,19 @@ class ZeroshotCLIP(CLIPTrainer):
 
     def build_model(self) -> None:
         cfg = self.cfg
-        classnames = self.dm.dataset.classnames
         clip_model = load_clip_for(cfg)  # stays fp16 as built, as in the original
         clip_model.to(self.device)
         for param in clip_model.parameters():
             param.requires_grad_(False)
 
         self.clip_model = clip_model
-        templates = self.templates()
-        if len(templates) == 1:
-            prompts = [templates[0].format(c.replace("_", " ")) for c in classnames]
-            logger.info(f"Prompts: {prompts}")
-        text_features = self.encode_templates(templates)
-        self.text_features = text_features  # (n_cls, embed_dim)
+        self.text_features = self.encode_templates(self.templates())  # (n_cls, embed_dim)
         self.image_encoder = image_encoder(cfg, clip_model.visual)
 
     def encode_templates(self, templates: List[str]) -> torch.Tensor:
         """L2-normalised class text features (n_cls, embed_dim) of ``templates`` (``{}`` =
         class name): one template's, or the re-normalised mean of several (an ensemble)."""
-        classnames = self.dm.dataset.classnames
-        feats = []
-        with torch.no_grad():
-            for template in templates:
-                prompts = [template.format(c.replace("_", " ")) for c in classnames]
-                tokens = tokenize(prompts).to(self.device)
-                text_features = self.clip_model.encode_text(tokens)
-                feats.append(text_features / text_features.norm(dim=-1, keepdim=True))
-        if len(feats) == 1:
-            return feats[0]
-        text_features = torch.stack(feats).mean(dim=0)
-        return text_features / text_features.norm(dim=-1, keepdim=True)
+        return class_text_features(self.clip_model, self.dm.dataset.classnames, templates)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)

@@ -19,7 +19,12 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from coop.clip_adapter import DeepTextEncoder, replace_text_prompt
+from coop.clip_adapter import (
+    DeepTextEncoder,
+    check_text_deep,
+    layer_prompt,
+    replace_text_prompt,
+)
 from coop.fast.text import TruncatedTextEncoder, causal_block
 
 
@@ -34,13 +39,12 @@ class TruncatedDeepTextEncoder(DeepTextEncoder):
         tokenized_prompts: torch.Tensor,
         deep: Sequence[Optional[torch.Tensor]] = (),
     ) -> torch.Tensor:
-        if deep and deep[0] is not None:
-            raise ValueError("the text side's layer-0 prompt is part of the prompt embeddings")
+        check_text_deep(deep)
         eot = tokenized_prompts.argmax(dim=-1)  # (n,), on the host: reading it costs nothing
         length = int(eot.max()) + 1
         x = prompts[:, :length] + self.positional_embedding[:length].type(self.dtype)
         for i, block in enumerate(self.transformer.resblocks):
-            prompt = deep[i] if i < len(deep) else None
+            prompt = layer_prompt(deep, i)
             if prompt is not None:
                 x = replace_text_prompt(x, prompt, seq_dim=1)
             x = causal_block(block, x)  # (n, L, D)

@@ -141,6 +141,25 @@ def image_features_key(trainer: Any, transform: Any, cache_root: str) -> Tuple[s
     return cache_key(parts), parts
 
 
+def _stored_features(
+    cache: TrainViewCache, source: List[Any]
+) -> Tuple[List[str], Dict[str, int], Dict[str, torch.Tensor]]:
+    """The cache file of each item of ``source``, each file's first position there (repeated
+    images share a file) and the features the cache holds, by file."""
+    files = [cache.image_file(d.impath) for d in source]
+    first: Dict[str, int] = {}
+    for i, path in enumerate(files):
+        first.setdefault(path, i)
+    meta = cache.read_meta()
+    stored: Dict[str, torch.Tensor] = {}
+    if meta is not None:
+        for path, i in first.items():
+            feats = cache.load(path, meta, impath=source[i].impath)
+            if feats is not None:
+                stored[path] = feats
+    return files, first, stored
+
+
 def image_features_of(trainer: Any, data_source: List[Any], transform: Any) -> torch.Tensor:
     """Frozen image features ``(N, E)`` (on the CPU) of the images of ``data_source`` (a
     list of Datum, e.g. a few-shot subset) under the deterministic ``transform`` (the test
@@ -168,17 +187,7 @@ def image_features_of(trainer: Any, data_source: List[Any], transform: Any) -> t
     cache_root = default_cache_dir(cfg.FAST.CACHE_DIR)
     key, parts = image_features_key(trainer, transform, cache_root)
     cache = TrainViewCache(cache_root, key, parts, subdir="image_features")
-    files = [cache.image_file(d.impath) for d in data_source]
-    first: Dict[str, int] = {}
-    for i, path in enumerate(files):
-        first.setdefault(path, i)
-    meta = cache.read_meta()
-    stored: Dict[str, torch.Tensor] = {}
-    if meta is not None:
-        for path, i in first.items():
-            feats = cache.load(path, meta, impath=data_source[i].impath)
-            if feats is not None:
-                stored[path] = feats
+    files, first, stored = _stored_features(cache, data_source)
     pairs = [(i, 0) for path, i in first.items() if path not in stored]
     if pairs:
         wrapper = DatasetWrapper(cfg, data_source, transform=transform, is_train=False)
@@ -270,17 +279,7 @@ def build_train_cache(trainer: Any) -> Tuple[torch.Tensor, torch.Tensor]:
     key, parts = train_views_key(trainer, cache_root)
     cache = TrainViewCache(cache_root, key, parts)
 
-    files = [cache.image_file(d.impath) for d in source]
-    first: Dict[str, int] = {}  # file -> its first position in train_x (repeats share it)
-    for i, path in enumerate(files):
-        first.setdefault(path, i)
-    meta = cache.read_meta()
-    stored: Dict[str, torch.Tensor] = {}
-    if meta is not None:
-        for path, i in first.items():
-            feats = cache.load(path, meta, impath=source[i].impath)
-            if feats is not None:
-                stored[path] = feats
+    files, first, stored = _stored_features(cache, source)
     have = {path: (stored[path].shape[0] if path in stored else 0) for path in first}
     pairs = [(i, v) for path, i in first.items() for v in range(have[path], views)]
     reused = sum(min(n, views) for n in have.values())
