@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine:
-#   make demo   CoOp against zero-shot CLIP (embedded demo data unless DATA/BACKBONE are set)
+#   make demo   the paper's story: prompt sensitivity, CoOp vs zero-shot and linear-probe CLIP
+#               over shot counts (table and curve), the learned context's nearest words
+#               (embedded demo data unless DATA/BACKBONE are set)
 #   make test   lint + the whole test suite
 # Both create the virtual environment they need (.venv) on first use.
 

@@ -17,7 +17,7 @@ import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 from coop.published import ELEVEN, config_text
-from coop.report import Method, Report, dataset_title
+from coop.report import Method, Report, Table, dataset_title
 
 # (trainer, config values that must match, colour, line style, legend label)
 PAPER_STYLES: Tuple[Tuple[str, Tuple[Tuple[str, str], ...], str, str, str], ...] = tuple(
@@ -111,6 +111,30 @@ def curve_data(report: Report) -> Dict[str, Tuple[str, Series]]:
                 series[m] = (xs, ys)
         out["average"] = (f"Average over {len(average_over)} datasets", series)
     return out
+
+
+def curve_tables(report: Report) -> List[Table]:
+    """The numbers each few-shot curve draws (:func:`curve_data`), one table per figure:
+    a row per method, a column per shot count (the zero-shot method's at 0), and the
+    number of seeds each method's means are over (in the average: per dataset)."""
+    few = [k for k in report.cells if k[0] == "fewshot"]
+    tables = []
+    for name, (title, series) in curve_data(report).items():
+        if not series:
+            continue
+        shots = sorted({x for xs, _ in series.values() for x in xs})
+        rows = []
+        for m, (xs, ys) in series.items():
+            n = sorted({len(report.cells[k]) for k in few if k[4] == m
+                        and (name == "average" or dataset_title(k[1]) == name)})  # fmt: skip
+            seeds = str(n[0]) if n[0] == n[-1] else f"{n[0]}-{n[-1]}"
+            means = dict(zip(xs, ys))
+            rows.append([report.label(m), m.backbone, seeds, *(means.get(s) for s in shots)])
+        tables.append(Table(
+            f"curve_{_safe(name)}", f"{title}: {report.metric} (%), mean over seeds",
+            ["Method", "Backbone", "Seeds", *(f"{s} shot{'s' * (s != 1)}" for s in shots)], rows,
+        ))  # fmt: skip
+    return tables
 
 
 def draw_curve(

@@ -2,6 +2,7 @@
 
     coop-sweep [fewshot] --root DATA --datasets caltech101,dtd      # main.sh's grid
     coop-sweep ablation|zeroshot|linear-probe|base2new|xd|dg --root DATA ... [KEY VALUE ...]
+    coop-sweep prompts --root DATA --datasets caltech101,dtd --backbone vit_b16  # coop-prompts
     coop-sweep status PRESET --root DATA ...                       # done/running/failed/missing
 
 Each preset (:mod:`coop.sweep_presets`) lists the runs the original scripts start, with
@@ -18,8 +19,9 @@ executor ran it, and several sweeps of the same grid share it out (per-run locks
 
 At the end of a sweep that waited for its runs, it prints per folder of seeds the mean and
 standard deviation of their test accuracy in ``parse_test_res.py``'s form (``np.std``,
-population), from each run's ``results.json`` at full precision; for base-to-new, per
-dataset the base and new means and their harmonic mean H.
+population), from each run's ``results.json`` at full precision (for a prompt study, its
+accuracy per template); for base-to-new, per dataset the base and new means and their
+harmonic mean H.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from coop.sweep_exec import (
 )
 from coop.sweep_presets import (
     DEFAULT_TRAINER,
+    NO_TRAINING,
     PAPER_DATASETS,
     PAPER_SEEDS,
     PAPER_SHOTS,
@@ -82,15 +85,36 @@ def read_accuracy(out: str) -> Optional[float]:
         return None
 
 
+def read_prompt_study(out: str) -> Optional[str]:
+    """A finished prompt study's accuracy per template, as one line, or None."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(out, "prompt_study.json"), encoding="utf-8") as f:
+            table = json.load(f)
+        return "; ".join(
+            f"{c['label']}: {row['accuracy'][c['spec']]:.2f}%"
+            for row in table["rows"]
+            for c in table["columns"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def summarize(runs: Sequence[Run]) -> List[str]:
     """Per folder of seeds: ``* accuracy: <mean>% +- <std>%`` over the seeds that have
-    results (``np.std``, population, as ``parse_test_res.py``), from ``results.json``."""
+    results (``np.std``, population, as ``parse_test_res.py``), from ``results.json``; per
+    prompt study, its accuracy per template."""
     import numpy as np
 
     groups: Dict[str, List[Tuple[Run, Optional[float]]]] = {}
-    for run in runs:
-        groups.setdefault(run.group or run.out, []).append((run, read_accuracy(run.out)))
     lines = []
+    for run in runs:
+        if run.command == "coop-prompts":
+            lines.append(f"{run.out}: {read_prompt_study(run.out) or 'no results'}")
+            continue
+        groups.setdefault(run.group or run.out, []).append((run, read_accuracy(run.out)))
     for group, members in groups.items():
         got = [a for _, a in members if a is not None]
         if not got:
@@ -163,8 +187,10 @@ def build_parser(preset: str, status: bool = False) -> argparse.ArgumentParser:
         description=(PRESETS[preset].__doc__ or "").strip().split("\n\n")[0],
     )
     p.add_argument("--root", required=True, help="the datasets folder (the scripts' DATA)")
-    p.add_argument("--trainer", default=DEFAULT_TRAINER.get(preset, TRAINER),
-                   help="the method (a registered trainer); default %(default)s")  # fmt: skip
+    trains = preset not in NO_TRAINING
+    if trains:
+        p.add_argument("--trainer", default=DEFAULT_TRAINER.get(preset, TRAINER),
+                       help="the method (a registered trainer); default %(default)s")  # fmt: skip
     if preset in ("xd", "dg"):
         p.add_argument("--source", default=SOURCE, help="the training set (default imagenet)")
         p.add_argument("--targets", default="", help="comma-separated evaluation datasets "
@@ -172,18 +198,25 @@ def build_parser(preset: str, status: bool = False) -> argparse.ArgumentParser:
     else:
         p.add_argument("--datasets", default=",".join(PAPER_DATASETS),
                        help="comma-separated, e.g. caltech101,dtd (default: the eleven)")  # fmt: skip
-    p.add_argument("--seeds", default=",".join(map(str, PAPER_SEEDS)))
-    p.add_argument("--shots", default="", help="comma-separated shot counts (default: the "
-                   f"protocol's; few-shot {','.join(map(str, PAPER_SHOTS))})")  # fmt: skip
+    if trains:
+        p.add_argument("--seeds", default=",".join(map(str, PAPER_SEEDS)))
+        p.add_argument("--shots", default="", help="comma-separated shot counts (default: "
+                       f"the protocol's; few-shot {','.join(map(str, PAPER_SHOTS))})")  # fmt: skip
     if preset == "zeroshot":
         p.add_argument("--backbones", default="rn50", help="comma-separated config names "
                        "as zeroshot.sh's CFG: rn50, rn101, vit_b32, vit_b16")  # fmt: skip
     p.add_argument("--backbone", default=None,
-                   help="swap the backbone of the method's configs: rn50, rn101, vit_b32, vit_b16")  # fmt: skip
+                   help="swap the backbone of the method's configs: rn50, rn101, vit_b32, vit_b16"
+                   + (" (default rn50)" if not trains else ""))  # fmt: skip
     p.add_argument("--cfg", default="", help="one trainer config (a YAML name) for every run")
-    p.add_argument("--nctx", type=int, default=None, help="context tokens (main.sh's NCTX)")
-    p.add_argument("--csc", default=None, help="class-specific context: False or True")
-    p.add_argument("--ctp", default=None, help="class token position: end, middle or front")
+    if trains:
+        p.add_argument("--nctx", type=int, default=None, help="context tokens (main.sh's NCTX)")
+        p.add_argument("--csc", default=None, help="class-specific context: False or True")
+        p.add_argument("--ctp", default=None, help="class token position: end, middle or front")
+    else:
+        p.add_argument("--template", action="append", default=[],
+                       help="a coop-prompts template (repeatable; default: coop-prompts' "
+                       "default templates)")  # fmt: skip
     if preset == "ablation":
         p.add_argument("--studies", default=",".join(STUDIES),
                        help="comma-separated: " + ", ".join(STUDIES) + " (default: all)")  # fmt: skip
@@ -198,6 +231,9 @@ def build_parser(preset: str, status: bool = False) -> argparse.ArgumentParser:
                        help="run only the failed runs (and what needs them)")  # fmt: skip
         p.add_argument("--keep-going", action="store_true",
                        help="in-process: go on after a failed run")  # fmt: skip
+        p.add_argument("--quiet", action="store_true",
+                       help="in-process: print only the progress lines; each run's own "
+                       "output goes to <run folder>/.sweep.console.txt")  # fmt: skip
         ex = p.add_argument_group("executors")
         ex.add_argument("--executor", choices=("inprocess", "local", "slurm"),
                         default="inprocess", help="who runs the runs (default %(default)s)")  # fmt: skip
@@ -258,7 +294,7 @@ def _executor(args: argparse.Namespace) -> Executor:
             gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run,
             array_parallelism=args.slurm_array_parallelism, extra=extra, wait=args.wait,
         )  # fmt: skip
-    return InProcessExecutor(keep_going=args.keep_going)
+    return InProcessExecutor(keep_going=args.keep_going, quiet=args.quiet)
 
 
 def retry_selection(runs: Sequence[Run]) -> List[Run]:
@@ -288,7 +324,7 @@ def print_dry_run(runs: Sequence[Run]) -> None:
         wait = f" after {', '.join(after)}" if after else ""
         note = f" ({detail})" if detail else ""
         print(f"# [{i}/{len(runs)}] {action}{wait}: {run.label} -> {run.out}{note}")
-        command = shlex.join(["coop-train", *run.argv])
+        command = shlex.join([run.command, *run.argv])
         print(f"# {command}" if state in ("done", "running") else command)
     print(f"# {len(runs)} runs: " + ", ".join(f"{counts[s]} {s}" for s in STATES))
 

@@ -1,11 +1,13 @@
 """A sweep's runs, their state on disk, and the executors that run them.
 
-A :class:`Run` is one ``coop-train`` command with its output folder and the runs it needs
-first (an evaluation needs its training run's checkpoints). Whatever runs it (this process,
-a local child process, a Slurm job) calls :func:`execute_run`, which keeps every state in the
-run's folder, so any process can read a sweep's progress with :func:`run_state`:
+A :class:`Run` is one ``coop-train`` (or ``coop-prompts``) command with its output folder
+and the runs it needs first (an evaluation needs its training run's checkpoints). Whatever
+runs it (this process, a local child process, a Slurm job) calls :func:`execute_run`, which
+keeps every state in the run's folder, so any process can read a sweep's progress with
+:func:`run_state`:
 
-- ``finished`` (a training run) or ``results.json`` (an evaluation-only run): done;
+- ``finished`` (a training run), ``results.json`` (an evaluation-only run) or
+  ``prompt_study.json`` (a prompt study): done;
 - ``.sweep.lock`` held: running (the lock is released by the kernel however the holder ends);
 - ``.sweep.error.json``: failed (exit status, the error line, host, time, Slurm job);
 - none of these: missing (``log.txt`` there: started before, and it resumes).
@@ -39,6 +41,13 @@ RUNNING_ELSEWHERE = 75  # exit status of a run whose lock another process holds
 BLOCKED = 3  # exit status of a run whose prerequisite has not finished
 ALREADY_DONE = -1  # what execute_run returns for a run that was done before it started
 
+# the console scripts a run can be, each with its main and the file its finished run leaves
+# (None: the training run's ``finished`` marker, or ``results.json`` when evaluation-only)
+COMMANDS = {
+    "coop-train": ("coop.train", None),
+    "coop-prompts": ("coop.prompt_study", "prompt_study.json"),
+}
+
 STATES = ("done", "running", "failed", "missing")
 
 
@@ -58,18 +67,25 @@ class Run:
     after: List[str] = field(default_factory=list)
     # what the summary groups the run under: the folder of its seeds
     group: str = ""
+    command: str = "coop-train"  # a key of COMMANDS
 
     def done_file(self) -> str:
         """The file whose presence means the run is complete: the ``finished`` marker of a
-        training run, the ``results.json`` of an evaluation-only run."""
+        training run, the ``results.json`` of an evaluation-only run, the command's own
+        result file for another command."""
         from coop.engine import FINISHED_MARKER
 
-        return os.path.join(self.out, "results.json" if self.eval_only else FINISHED_MARKER)
+        result = COMMANDS[self.command][1]
+        if result is None:
+            result = "results.json" if self.eval_only else FINISHED_MARKER
+        return os.path.join(self.out, result)
 
     @property
     def label(self) -> str:
         seed = f" seed {self.seed}" if self.seed >= 0 else ""
         what = "evaluation" if self.eval_only else f"{self.shots} shots" if self.shots else ""
+        if self.command == "coop-prompts":
+            what = "prompt study"
         return " ".join(p for p in (self.dataset, self.trainer, self.cfg, what) if p) + seed
 
     def to_json(self) -> str:
@@ -172,35 +188,47 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
-def _train(argv: List[str]) -> Tuple[int, str]:
-    """``coop-train``'s main on ``argv`` in this process: (exit status, error line)."""
-    from coop.train import main as train_main
+def _invoke(run: Run, console: Optional[str] = None) -> Tuple[int, str]:
+    """The run's command (its ``main``) on its argv in this process: (exit status, error
+    line). ``console``: a file that takes the run's console output instead of this
+    process's stdout and stderr."""
+    import importlib
+
     from coop.utils import close_logger
 
-    tee = _Tee(sys.stderr)
+    command_main = importlib.import_module(COMMANDS[run.command][0]).main
     error = ""
-    try:
-        with contextlib.redirect_stderr(tee):
-            rc = train_main(argv)
-    except Exception as e:  # a crash of one run is reported like a failed process
-        traceback.print_exc()
-        rc, error = 1, f"{type(e).__name__}: {e}"
-    finally:
-        close_logger()
-        gc.collect()  # the trainer (and its loader workers) go before the next run
+    with contextlib.ExitStack() as stack:
+        if console is not None:
+            stream = stack.enter_context(open(console, "a", encoding="utf-8"))
+            # the run's logger writes to the stdout it finds, so it finds this file
+            stack.enter_context(contextlib.redirect_stdout(stream))
+        else:
+            stream = sys.stderr
+        tee = _Tee(stream)
+        try:
+            with contextlib.redirect_stderr(tee):
+                rc = command_main(list(run.argv))
+        except Exception as e:  # a crash of one run is reported like a failed process
+            traceback.print_exc(file=tee)
+            rc, error = 1, f"{type(e).__name__}: {e}"
+        finally:
+            close_logger()
+            gc.collect()  # the trainer (and its loader workers) go before the next run
     if rc != 0 and not error:
         lines = [ln for ln in tee.kept.getvalue().splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("coop-train: error:")]
+        errors = [ln for ln in lines if ln.startswith(f"{run.command}: error:")]
         error = (errors or lines or [f"exit status {rc}"])[-1]
     return rc, error
 
 
-def execute_run(run: Run, tag: str = "") -> int:
+def execute_run(run: Run, tag: str = "", quiet: bool = False) -> int:
     """Run ``run`` in this process under its lock: skipped when done (:data:`ALREADY_DONE`)
     or when another
     process holds its lock (:data:`RUNNING_ELSEWHERE`); a prerequisite that has not finished
     (:data:`BLOCKED`) or a failed run writes the error record; success clears it. Returns
-    the exit status."""
+    the exit status. ``quiet``: the run's console output goes to its folder's
+    :data:`CONSOLE` file (its ``log.txt`` has the log lines anyway)."""
     from coop.io import WriteError, try_file_lock
 
     if is_done(run):
@@ -211,7 +239,7 @@ def execute_run(run: Run, tag: str = "") -> int:
         for attempt in range(3):
             with try_file_lock(os.path.join(run.out, LOCK)) as mine:
                 if mine:
-                    return _execute_locked(run, tag)
+                    return _execute_locked(run, tag, quiet)
             time.sleep(0.1 * (attempt + 1))
     except WriteError as e:
         print(f"coop-sweep: error: {e}", file=sys.stderr, flush=True)
@@ -220,7 +248,7 @@ def execute_run(run: Run, tag: str = "") -> int:
     return RUNNING_ELSEWHERE
 
 
-def _execute_locked(run: Run, tag: str) -> int:
+def _execute_locked(run: Run, tag: str, quiet: bool = False) -> int:
     if is_done(run):  # finished while we were not looking
         print(f"Oops! The results exist at {run.out} (so skip this job)", flush=True)
         return ALREADY_DONE
@@ -232,8 +260,11 @@ def _execute_locked(run: Run, tag: str) -> int:
         return BLOCKED
     clear_failure(run)
     print(f"{tag}{run.label}: {run.out}", flush=True)
-    rc, error = _train(run.argv)
+    rc, error = _invoke(run, os.path.join(run.out, CONSOLE) if quiet else None)
     if rc != 0:
+        if quiet:
+            print(f"{tag}{error} (its output: {os.path.join(run.out, CONSOLE)})",
+                  file=sys.stderr, flush=True)  # fmt: skip
         record_failure(run, rc, error)
     return rc
 
@@ -251,10 +282,12 @@ class Executor:
 class InProcessExecutor(Executor):
     """One run after the other in this process (``coop-train``'s main each time), which
     saves each run the start-up of a new process; stops at the first failure unless
-    ``keep_going``."""
+    ``keep_going``. ``quiet``: only the progress lines are printed, each run's own output
+    goes to its :data:`CONSOLE` file."""
 
-    def __init__(self, keep_going: bool = False) -> None:
+    def __init__(self, keep_going: bool = False, quiet: bool = False) -> None:
         self.keep_going = keep_going
+        self.quiet = quiet
 
     def run(self, runs: Sequence[Run]) -> List[Run]:
         failed: List[Run] = []
@@ -262,7 +295,7 @@ class InProcessExecutor(Executor):
         for i, run in enumerate(runs, 1):
             tag = f"[{i}/{n}] "
             t0 = time.perf_counter()
-            rc = execute_run(run, tag)
+            rc = execute_run(run, tag, self.quiet)
             elapsed = time.perf_counter() - t0
             if rc in (RUNNING_ELSEWHERE, ALREADY_DONE):
                 continue

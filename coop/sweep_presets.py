@@ -26,6 +26,10 @@ methods is read from the trainer class (documented on
 - the shot counts: ``protocol_shots[protocol]`` where they differ from the papers';
 - the load epoch of an evaluation: ``OPTIM.MAX_EPOCH`` of the training run's config;
 - the ablations' keys: ``N_CTX``, ``CSC`` and ``CLASS_TOKEN_POSITION`` of the method's node.
+
+The ``prompts`` preset runs ``coop-prompts`` (zero-shot CLIP with hand-written templates)
+instead of ``coop-train``: one run per dataset, with the backbone's YAML as ``zeroshot.sh``
+takes it.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ DEFAULT_DIRS = {
     "xd_test": "evaluation/{trainer}/{cfg}_{shots}shots/{dataset}/seed{seed}",
     # scripts/coop/zeroshot.sh
     "zeroshot": "{trainer}/{cfg}/{dataset}",
+    # coop-prompts (the paper's prompt-engineering comparison has no script)
+    "prompts": "prompt_study/{cfg}/{dataset}",
 }
 # PromptSRC's few_shot.sh: the few-shot folder of a method without CoOp's context keys
 FEWSHOT_PLAIN = "{dataset}/{trainer}/{cfg}_{shots}shots/seed{seed}"
@@ -494,6 +500,39 @@ def plan_zeroshot(
     return runs
 
 
+def plan_prompts(args: argparse.Namespace) -> List[Run]:
+    """The prompt study (``coop-prompts``: zero-shot CLIP's test accuracy per hand-written
+    template) on every dataset, with the backbone's YAML (``--backbone``, default rn50)."""
+    from coop.config import ConfigError
+    from coop.prompt_study import template_list
+
+    p = Planner(args, ZEROSHOT_TRAINER)
+    stem = args.cfg or args.backbone or "rn50"
+    cfg_file = _check_cfg_file(p.folder, stem, "the prompt study")
+    for spec in args.template:  # a bad template stops before any run
+        try:
+            template_list(spec, "")
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+    pattern = dir_pattern(p.cls, "prompts", ())
+    runs = []
+    for dataset in _names(args.datasets, "datasets"):
+        dataset_file = _check_dataset(dataset)
+        p.configs.get(dataset_file, cfg_file, p.user_opts, f"prompt study on {dataset}")
+        out = os.path.join(
+            args.output, pattern.format(dataset=dataset, cfg=stem, trainer=p.trainer)
+        )
+        argv = ["--root", args.root, "--dataset-config-file", dataset_file]
+        argv += ["--config-file", cfg_file, "--output-dir", out]
+        for spec in args.template:
+            argv += ["--template", spec]
+        runs.append(Run(
+            dataset=dataset, trainer=ZEROSHOT_TRAINER, cfg=stem, shots=0, seed=-1, out=out,
+            argv=argv + p.user_opts, eval_only=True, group=out, command="coop-prompts",
+        ))  # fmt: skip
+    return runs
+
+
 def plan_ablation(args: argparse.Namespace) -> List[Run]:
     """The CoOp paper's studies over main.sh's grid, each varying one thing from the
     default (M=16, end, unified, random init, the method's backbone): ``csc`` (unified vs
@@ -611,8 +650,11 @@ PRESETS = {
     "base2new": plan_base2new,
     "xd": plan_xd,
     "dg": plan_dg,
+    "prompts": plan_prompts,
 }
 DEFAULT_TRAINER = {"zeroshot": ZEROSHOT_TRAINER, "linear-probe": "LinearProbeCLIP"}
+# presets that train nothing, and so take no trainer, seeds, shots or context knobs
+NO_TRAINING = ("prompts",)
 
 
 def plan(preset: str, args: argparse.Namespace, check_root: bool = True) -> List[Run]:

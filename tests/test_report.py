@@ -572,6 +572,34 @@ def test_curves_plot_the_table_numbers_in_the_paper_style(fewshot_tree, tmp_path
         assert head == b"\x89PNG\r\n\x1a\n" if path.endswith(".png") else head.startswith(b"%PDF")
 
 
+def test_curve_tables_hold_the_numbers_each_curve_draws(fewshot_tree):
+    from coop.report import render_terminal
+    from coop.report_figures import curve_tables
+
+    run(fewshot_tree, "lp/1/seed1", "LinearProbeCLIP", "Caltech101", 70.0, shots=1)
+    tables = {t.title: t for t in curve_tables(_report(fewshot_tree))}
+    cal = tables["Caltech101: accuracy (%), mean over seeds"]
+    assert cal.columns == ["Method", "Backbone", "Seeds", "0 shots", "1 shot", "16 shots"]
+    rows = {r[0]: r[1:] for r in cal.rows}
+    end, mid = "CoOp (CLASS_TOKEN_POSITION=end)", "CoOp (CLASS_TOKEN_POSITION=middle)"
+    assert rows["ZeroshotCLIP"] == ["RN50", "1", ZS["Caltech101"], None, None]
+    assert rows[end][:2] == ["RN50", "3"]
+    assert rows[end][2:] == [None, pytest.approx(np.mean([85.0, 86.5, 84.1])),
+                             pytest.approx(np.mean([91.81, 92.01, 92.17]))]  # fmt: skip
+    assert rows[mid][2:] == [None, None, pytest.approx(np.mean([90.0, 91.0, 89.5]))]
+    assert rows["LinearProbeCLIP"] == ["RN50", "1", None, 70.0, None]
+    pets = tables["OxfordPets: accuracy (%), mean over seeds"]
+    assert {r[0]: r[2] for r in pets.rows}[mid] == "2-3"  # seed 3 missing at 16 shots
+    # the average: over the datasets there are (two), where a method has all of them
+    avg = tables["Average over 11 datasets: accuracy (%), mean over seeds"]
+    assert {r[0]: r[3] for r in avg.rows}["ZeroshotCLIP"] == pytest.approx(
+        np.mean(list(ZS.values()))
+    )
+    text = render_terminal(cal)
+    zs_row = ["ZeroshotCLIP", "RN50", "1", f"{ZS['Caltech101']:.2f}", "-", "-"]
+    assert zs_row in [ln.split() for ln in text.splitlines()]
+
+
 def test_cli_figures(tmp_path, capsys):
     tree = _fewshot_tree(str(tmp_path / "output"), zs_datasets=("Caltech101",))
     figs = str(tmp_path / "curves")

@@ -241,3 +241,53 @@ def test_two_sweeps_share_one_grid(data_root, tiny_rn, tmp_path):
         assert [f for f in os.listdir(d) if f.startswith("log.txt")] == ["log.txt"]  # one run
     done = [line for text in outputs for line in text.splitlines() if " done in " in line]
     assert len(done) == len(dirs)  # every run made exactly once, by one of the two
+
+
+def test_the_prompts_preset_runs_coop_prompts(data_root, tiny_vit, tmp_path, capsys):
+    from coop import prompt_study
+
+    out = str(tmp_path / "out")
+    opts = ["MODEL.BACKBONE.NAME", tiny_vit, "INPUT.SIZE", "(32, 32)",
+            "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
+    argv = ["prompts", "--root", data_root, "--datasets", "caltech101", "--output", out]
+    assert main([*argv, "--quiet", *opts]) == 0
+    printed = capsys.readouterr().out
+    run_dir = os.path.join(out, "prompt_study", "rn50", "caltech101")
+    with open(os.path.join(run_dir, "prompt_study.json"), encoding="utf-8") as f:
+        table = json.load(f)
+
+    # the table of coop-prompts run by hand with the same arguments
+    alone = str(tmp_path / "alone")
+    assert prompt_study.main(["--root", data_root, "--dataset", "caltech101", "--config-file",
+                              "configs/trainers/CoOp/rn50.yaml", "--output-dir", alone,
+                              *opts]) == 0  # fmt: skip
+    with open(os.path.join(alone, "prompt_study.json"), encoding="utf-8") as f:
+        assert json.load(f) == table
+    acc = table["rows"][0]["accuracy"]
+    assert f"{run_dir}: a [CLASS].: {acc['a [CLASS].']:.2f}%; " in printed
+    # quiet: the run's own output is in its console file, not on the terminal
+    assert "Zero-shot CLIP (" not in printed
+    with open(os.path.join(run_dir, ".sweep.console.txt"), encoding="utf-8") as f:
+        assert "Zero-shot CLIP (" in f.read()
+
+    capsys.readouterr()
+    assert main(["status", *argv, *opts]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"done     {run_dir}"
+    assert main([*argv, *opts]) == 0
+    assert f"Oops! The results exist at {run_dir} (so skip this job)" in capsys.readouterr().out
+
+
+def test_a_failed_prompt_study_is_recorded_with_its_error(data_root, tiny_vit, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["prompts", "--root", data_root, "--datasets", "dtd", "--output", out,
+            "MODEL.BACKBONE.NAME", tiny_vit]  # fmt: skip
+    assert main([*argv[:7], "--quiet", *argv[7:]]) == 1
+    err = capsys.readouterr().err
+    run_dir = os.path.join(out, "prompt_study", "rn50", "dtd")
+    console = os.path.join(run_dir, ".sweep.console.txt")
+    assert f"(its output: {console})" in err and "coop-prompts: error: " in err
+    assert main(["status", *argv]) == 1
+    line = capsys.readouterr().out.splitlines()[0]
+    assert (
+        line.startswith(f"failed   {run_dir}  (exit status 2") and "coop-prompts: error: " in line
+    )

@@ -284,6 +284,35 @@ def test_linear_probe_runs_the_grid_with_its_trainer(tmp_path, capsys, monkeypat
     assert {c[c.index("--seed") + 1] for c in cmds} == {"1", "2", "3"}
 
 
+def test_prompts_runs_coop_prompts_per_dataset_with_the_backbone_config(tmp_path, capsys):
+    root = str(tmp_path)
+    cmds, notes = _dry(capsys, "prompts", "--root", root, "--datasets", "caltech101,dtd",
+                       "--backbone", "vit_b16", "--template", "a [CLASS].", "--output", "o",
+                       "INPUT.SIZE", "(32, 32)")  # fmt: skip
+    assert cmds == [
+        ["coop-prompts", "--root", root, "--dataset-config-file",
+         f"configs/datasets/{d}.yaml", "--config-file", "configs/trainers/CoOp/vit_b16.yaml",
+         "--output-dir", f"o/prompt_study/vit_b16/{d}", "--template", "a [CLASS].",
+         "INPUT.SIZE", "(32, 32)"]
+        for d in ("caltech101", "dtd")
+    ]  # fmt: skip
+    assert notes == [
+        "# [1/2] to run: caltech101 ZeroshotCLIP vit_b16 prompt study -> "
+        "o/prompt_study/vit_b16/caltech101",
+        "# [2/2] to run: dtd ZeroshotCLIP vit_b16 prompt study -> o/prompt_study/vit_b16/dtd",
+        "# 2 runs: 0 done, 0 running, 0 failed, 2 missing",
+    ]
+    # defaults: RN50's YAML, the eleven datasets, coop-prompts' own templates
+    cmds, _ = _dry(capsys, "prompts", "--root", root)
+    assert len(cmds) == 11 and all("--template" not in c for c in cmds)
+    assert {c[c.index("--config-file") + 1] for c in cmds} == {"configs/trainers/CoOp/rn50.yaml"}
+    assert cmds[0][cmds[0].index("--output-dir") + 1] == "output/prompt_study/rn50/imagenet"
+    # it trains nothing: no trainer, seeds, shots or context flags
+    with pytest.raises(SystemExit):
+        main(["prompts", "--root", root, "--seeds", "1", "--dry-run"])
+    assert "unrecognized arguments: --seeds" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -302,6 +331,10 @@ def test_linear_probe_runs_the_grid_with_its_trainer(tmp_path, capsys, monkeypat
         ),
         (["fewshot", "--executor", "slurm", "--time", "2h"], "not a Slurm time"),
         (["fewshot", "--executor", "slurm", "--slurm-extra", "qos"], "KEY=VALUE"),
+        (["prompts", "--template", "a photo"], "--template 'a photo' must contain [CLASS]"),
+        (["prompts", "--backbone", "rn51"], "no trainer config 'rn51' for the prompt study"),
+        (["prompts", "--datasets", "caltech"], "unknown dataset 'caltech'"),
+        (["prompts", "OPTIM.MAX_EPOCHS", "3"], "OPTIM.MAX_EPOCHS"),
     ],  # fmt: skip
 )
 def test_bad_preset_arguments_stop_before_any_run(tmp_path, capsys, argv, message):
