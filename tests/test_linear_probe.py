@@ -95,7 +95,7 @@ def test_the_stored_classifier_predicts_what_scikit_learn_predicts(n_cls):
     centers = np.eye(5)[:n_cls] * 1.5
     x, y = _blobs(10, centers, 1.0, 5)
     clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=1.0).fit(x, y + 1)  # labels 1..
-    model = lp.LinearClassifier(5, n_cls + 2)
+    model = lp.LinearClassifier(5, [f"class {i}" for i in range(n_cls + 2)])
     assert not model.fitted
     model.set_from(clf, 1.0)
     assert model.fitted and float(model.c) == 1.0
@@ -221,7 +221,10 @@ def test_a_run_fits_saves_and_evaluates_like_a_refit_by_hand(data_root, tiny_vit
         os.path.join(out, "classifier", "model.pth.tar-1"), map_location="cpu", weights_only=True
     )
     sd = ckpt["state_dict"]
-    assert sorted(sd) == ["bias", "c", "weight"]
+    assert sorted(sd) == ["bias", "c", "classnames", "weight"]
+    with open(os.path.join(data_root, "caltech-101", "split_zhou_Caltech101.json")) as f:
+        by_label = {it[1]: it[2] for it in json.load(f)["test"]}
+    assert lp.decode_names(sd["classnames"]) == [by_label[i] for i in range(10)]
     assert sd["weight"].shape == (10, 64) and float(sd["c"]) == pytest.approx(chosen)
     assert np.allclose(sd["weight"].numpy(), ref_clf.coef_, rtol=1e-4, atol=1e-6)
 
@@ -316,3 +319,59 @@ def test_evaluating_without_a_classifier_or_with_another_one_is_refused(
     )
     assert main(argv) == 2
     assert "shape (3, 64), for 10 classes here" in capsys.readouterr().err
+
+
+def test_an_imagenet_classifier_evaluates_the_variants_with_a_subset_of_its_classes(
+    data_root, tiny_vit, tmp_path, capsys
+):
+    """ImageNet-A/-R hold some of ImageNet's classes: the ImageNet classifier's rows for
+    them are picked by name, so its logits there are its ImageNet logits for those
+    classes (the same test images give the same predictions among them)."""
+    from coop.testing import fixtures_imagenet
+
+    root = fixtures_imagenet.make_imagenet(str(tmp_path / "data"))  # 5 classes
+    fixtures_imagenet.make_imagenet_variants(root, a_classes=(1, 2, 4), r_classes=(0, 2, 3, 4))
+    src = str(tmp_path / "imagenet")
+    argv = lp_argv(root, src, tiny_vit, shots=2)
+    argv[argv.index("configs/datasets/caltech101.yaml")] = "configs/datasets/imagenet.yaml"
+    assert main(argv) == 0
+    saved = torch.load(os.path.join(src, "classifier", "model.pth.tar-1"), weights_only=True)
+    weight, bias = saved["state_dict"]["weight"], saved["state_dict"]["bias"]
+    assert weight.shape[0] == 5
+    names = lp.decode_names(saved["state_dict"]["classnames"])
+    for stem, labels in (("imagenet_a", (1, 2, 4)), ("imagenet_r", (0, 2, 3, 4))):
+        out = str(tmp_path / stem)
+        flags = ["--eval-only", "--model-dir", src, "--load-epoch", "1"]
+        argv = lp_argv(root, out, tiny_vit, flags=flags)
+        argv[argv.index("configs/datasets/caltech101.yaml")] = f"configs/datasets/{stem}.yaml"
+        assert main(argv) == 0
+        res = read_results(out)
+        assert res["total"] == 3 * len(labels)
+        assert f"Using {len(labels)} of the 5 classes" in open(os.path.join(out, "log.txt")).read()
+        # the expected accuracy from the saved rows by hand: raw features of the test images
+        ds = _variant_items(root, stem)
+        rows = [names.index(n) for n in ds["classnames"]]
+        feats = torch.from_numpy(_features_by_hand(tiny_vit, ds["impaths"]))
+        logits = feats.double() @ weight[rows].t() + bias[rows]
+        acc = 100.0 * (logits.argmax(1) == torch.tensor(ds["labels"])).double().mean().item()
+        assert res["metrics"]["accuracy"] == pytest.approx(acc)
+    # a classifier that lacks one of the classes is refused, naming the shapes
+    argv = lp_argv(data_root, str(tmp_path / "cal"), tiny_vit, flags=flags)  # Caltech101
+    assert main(argv) == 2
+    assert "not all of them among its classes" in capsys.readouterr().err
+
+
+def _variant_items(root, stem):
+    """The test items of an ImageNet variant as the dataset builds them."""
+    from coop.config import get_cfg_default, merge_from_file
+    from coop.registry import build_dataset
+
+    cfg = get_cfg_default()
+    merge_from_file(cfg, f"configs/datasets/{stem}.yaml")
+    cfg.DATASET.ROOT = root
+    ds = build_dataset(cfg)
+    return {
+        "classnames": ds.classnames,
+        "impaths": [d.impath for d in ds.test],
+        "labels": [d.label for d in ds.test],
+    }

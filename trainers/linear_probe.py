@@ -123,11 +123,16 @@ class LinearClassifier(nn.Module):
     """``logits = features @ weight.T + bias`` in float64 (scikit-learn's decision function);
     ``c`` is the chosen C (NaN until fitted)."""
 
-    def __init__(self, dim: int, n_cls: int) -> None:
+    def __init__(self, dim: int, classnames: Sequence[str]) -> None:
         super().__init__()
+        n_cls = len(classnames)
         self.register_buffer("weight", torch.zeros(n_cls, dim, dtype=torch.float64))
         self.register_buffer("bias", torch.zeros(n_cls, dtype=torch.float64))
         self.register_buffer("c", torch.tensor(float("nan"), dtype=torch.float64))
+        # the class names, saved with the weights (as UTF-8 bytes: a checkpoint holds
+        # tensors only), so that a classifier of ImageNet's 1000 classes can evaluate
+        # ImageNet-A/-R, which hold 200 of them: rows are picked by name
+        self.register_buffer("classnames", encode_names(classnames))
 
     @property
     def fitted(self) -> bool:
@@ -154,6 +159,15 @@ class LinearClassifier(nn.Module):
         return features.double() @ self.weight.t() + self.bias  # (B, n_cls)
 
 
+def encode_names(names: Sequence[str]) -> torch.Tensor:
+    """Class names as a uint8 tensor (newline-separated UTF-8)."""
+    return torch.tensor(list("\n".join(names).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_names(data: torch.Tensor) -> List[str]:
+    return bytes(data.tolist()).decode("utf-8").split("\n")
+
+
 @TRAINER_REGISTRY.register()
 class LinearProbeCLIP(CLIPTrainer):
     """Logistic regression on frozen CLIP image features, C chosen on the few-shot val."""
@@ -162,6 +176,7 @@ class LinearProbeCLIP(CLIPTrainer):
     feature_kind = "clip-visual-raw-v1"
     # lpclip's feature extraction runs rn50_val.yaml: the test transform, batches of 200
     protocol_configs = {"fewshot": "rn50", "xd": "rn50"}
+    optional_state_prefixes = ("classnames",)  # checkpoints written before they were saved
 
     @classmethod
     def add_config(cls, cfg) -> None:
@@ -205,7 +220,7 @@ class LinearProbeCLIP(CLIPTrainer):
         self.clip_model = clip_model
         self.image_encoder = image_encoder(self.cfg, clip_model.visual, normalize=False)
         dim = int(clip_model.visual.output_dim)
-        self.model = LinearClassifier(dim, self.num_classes).to(self.device)
+        self.model = LinearClassifier(dim, self.dm.dataset.classnames).to(self.device)
         self.register_model(self.learnable, self.model)  # nothing to optimise by SGD
 
     # ------------------------------------------------------------------ fitting
@@ -305,8 +320,34 @@ class LinearProbeCLIP(CLIPTrainer):
                 f"{path} is not a linear-probe checkpoint: it has no 'weight' and 'bias' "
                 f"(keys: {sorted(state_dict)})"
             )
-        if weight.dim() != 2 or weight.shape[0] != self.num_classes:
+        if weight.dim() == 2 and weight.shape[0] == self.num_classes:
+            return
+        rows = self.class_rows(state_dict)
+        if weight.dim() != 2 or rows is None:
             raise CheckpointError(
                 f"The checkpoint {path} does not fit this dataset: its classifier has shape "
                 f"{tuple(weight.shape)}, for {self.num_classes} classes here"
+                + ("" if "classnames" not in state_dict else " (not all of them among its classes)")
             )
+
+    def class_rows(self, state_dict) -> Optional[List[int]]:
+        """The rows of a saved classifier for this dataset's classes, by name (None: it
+        lacks names or one of the classes)."""
+        if not isinstance(state_dict.get("classnames"), torch.Tensor):
+            return None
+        index = {name: i for i, name in enumerate(decode_names(state_dict["classnames"]))}
+        names = self.dm.dataset.classnames
+        return [index[n] for n in names] if all(n in index for n in names) else None
+
+    def prepare_loaded_state_dict(self, name, state_dict, path):
+        state_dict = dict(state_dict)
+        if state_dict["weight"].shape[0] != self.num_classes:
+            # a classifier of more classes (ImageNet's for ImageNet-A/-R): this dataset's rows
+            rows = self.class_rows(state_dict)
+            logger.info(
+                f"Using {len(rows)} of the {state_dict['weight'].shape[0]} classes of {path}"
+            )
+            state_dict["weight"] = state_dict["weight"][rows]
+            state_dict["bias"] = state_dict["bias"][rows]
+            state_dict["classnames"] = self.model.classnames
+        return super().prepare_loaded_state_dict(name, state_dict, path)
