@@ -141,6 +141,8 @@ def summarize_base2new(runs: Sequence[Run]) -> List[str]:
     runs' own test, on the base classes) and of the new accuracy (their evaluations on the
     new classes) and H = 2BN/(B+N) of those means; over several datasets, the same of the
     per-dataset means, as the papers' average row."""
+    from coop.report import harmonic
+
     by_done = {run.done_file(): run for run in runs}
     pairs: Dict[Tuple[str, str], Tuple[Run, List[float], List[float]]] = {}
     for run in runs:
@@ -162,7 +164,7 @@ def summarize_base2new(runs: Sequence[Run]) -> List[str]:
         b, n = sum(bases) / len(bases), sum(news) / len(news)
         means.append((b, n))
         lines.append(
-            f"{what}: base {b:.2f}%, new {n:.2f}%, H {_harmonic(b, n):.2f}% "
+            f"{what}: base {b:.2f}%, new {n:.2f}%, H {harmonic(b, n):.2f}% "
             f"({len(bases)}/{len(news)} seeds)"
         )
     if len(means) > 1 and len(means) == len(pairs):
@@ -170,13 +172,9 @@ def summarize_base2new(runs: Sequence[Run]) -> List[str]:
         n = sum(m[1] for m in means) / len(means)
         lines.append(
             f"base-to-new average of {len(means)} datasets: base {b:.2f}%, new {n:.2f}%, "
-            f"H {_harmonic(b, n):.2f}%"
+            f"H {harmonic(b, n):.2f}%"
         )
     return lines
-
-
-def _harmonic(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new else 0.0
 
 
 # ---------------------------------------------------------------------------- command line

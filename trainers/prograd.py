@@ -285,7 +285,7 @@ class ProGrad(CoOp):
     def prograd_backward_and_update(self, xe: torch.Tensor, kl: torch.Tensor, lambda_: float):
         """Two backward passes (distillation, then cross-entropy), the projection of each
         trained parameter's gradient, one optimizer step."""
-        params = [p for p in getattr(self.model, self.learnable).parameters() if p.requires_grad]
+        params = [p for p in self.trained_module().parameters() if p.requires_grad]
         self.model_zero_grad()
         self.detect_anomaly(kl)
         kl.backward(retain_graph=True)
